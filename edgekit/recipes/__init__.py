@@ -67,11 +67,7 @@ class Recipe:
 
 def _builtin_files() -> dict[str, Path]:
     folder = resources.files("edgekit.recipes")
-    return {
-        Path(str(entry)).stem: Path(str(entry))
-        for entry in folder.iterdir()
-        if str(entry).endswith(".toml")
-    }
+    return {Path(str(entry)).stem: Path(str(entry)) for entry in folder.iterdir() if str(entry).endswith(".toml")}
 
 
 def names() -> list[str]:
@@ -123,7 +119,8 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise EdgekitError(f"{where}: unknown setting '{unknown[0]}'; known: {', '.join(sorted(known))}")
+        allowed = f"known: {', '.join(sorted(known))}" if known else "it takes no settings"
+        raise EdgekitError(f"{where}: unknown setting '{unknown[0]}'; {allowed}")
     return cls(**{key: _coerce(value, hints[key], f"{where}.{key}") for key, value in values.items()})
 
 

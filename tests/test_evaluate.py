@@ -1,0 +1,32 @@
+import numpy as np
+
+from edgekit import evaluate
+
+
+def test_perplexity_of_a_uniform_model_is_the_vocabulary_size():
+    tokens = np.random.default_rng(0).integers(0, 7, 300)
+    ppl = evaluate.perplexity(lambda ids: np.zeros((1, ids.shape[1], 7)), tokens, window=64, stride=32)
+    assert abs(ppl - 7.0) < 1e-9
+
+
+def test_perplexity_scores_every_token_once():
+    tokens = np.arange(1, 101) % 5
+    seen = []
+
+    def logits_fn(ids):
+        seen.append(ids.shape[1])
+        logits = np.full((1, ids.shape[1], 5), -30.0)
+        logits[0, np.arange(ids.shape[1]), (ids[0] + 1) % 5] = 30.0  # predicts the next token exactly
+        return logits
+
+    assert abs(evaluate.perplexity(logits_fn, tokens, window=32, stride=16) - 1.0) < 1e-6
+    assert seen[0] == 32
+
+
+def test_agreement_sqnr_cosine():
+    a = np.array([[1.0, 2.0, 0.0], [0.0, 0.0, 3.0]])
+    assert evaluate.top1_agreement(a, a) == 1.0
+    assert evaluate.top1_accuracy(a, [1, 0]) == 0.5
+    assert evaluate.sqnr_db(a, a) == float("inf")
+    assert 19.9 < evaluate.sqnr_db(np.ones(100), np.ones(100) * 1.1) < 20.1
+    assert abs(evaluate.cosine(a, 2 * a) - 1.0) < 1e-12
