@@ -1,0 +1,145 @@
+"""report.json, report.md and report.png of a bundle: what was exported and how good it is."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from edgekit.runtime.manifest import Manifest
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if isinstance(value, float):
+        if value == float("inf"):
+            return "inf"
+        return f"{value:.{digits}g}" if abs(value) < 1e4 else f"{value:.3e}"
+    return "-" if value is None else str(value)
+
+
+def summary_rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
+    """One row per format: the figures a user compares first (also printed by the CLI)."""
+    rows = [
+        (
+            "format",
+            "size MB",
+            "size ×fp32",
+            "latency ms",
+            "latency ×fp32",
+            "quality float → export",
+            "SQNR dB vs sim",
+            "device check",
+            "int coverage",
+            "est. device ms / mJ",
+        )
+    ]
+    for fmt, entry in report["formats"].items():
+        quality = entry.get("quality") or {}
+        metric = quality.get("metric", "")
+        quality_text = f"{metric} {_fmt(quality.get('float'))} → {_fmt(quality.get('export'))}" if metric else "-"
+        check = entry["device_check"]
+        cost = entry["cost_estimate"]
+        rows.append(
+            (
+                fmt,
+                f"{entry['bytes'] / 1e6:.2f}",
+                _fmt(entry.get("size_ratio")),
+                f"{entry['latency_ms']:.3f}",
+                _fmt(entry.get("latency_ratio")),
+                quality_text,
+                _fmt(entry["verification"]["runtime_vs_simulated"]["sqnr_db"]),
+                "pass" if check.get("passed") else "FAIL",
+                _fmt(check.get("integer_coverage_flops")),
+                f"{_fmt(cost.get('latency_ms'))} / {_fmt(cost.get('energy_mj'))}",
+            )
+        )
+    return rows
+
+
+def _markdown_table(rows: list[tuple[str, ...]]) -> str:
+    header, *body = rows
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in body]
+    return "\n".join(lines)
+
+
+def _op_rows(entry: dict[str, Any]) -> list[tuple[str, ...]]:
+    verdicts = {op["op_type"]: op for op in entry["device_check"].get("ops", [])}
+    rows = [("op", "count", "runs in", "act bits", "weight bits", "device accepts", "why")]
+    for op in entry["ops"]:
+        verdict = verdicts.get(op["op_type"], {})
+        rows.append(
+            (
+                op["op_type"],
+                str(op["count"]),
+                "integer" if op["integer"] else "float",
+                _fmt(op.get("activation_bits")),
+                _fmt(op.get("weight_bits")),
+                {True: "yes", False: "NO"}.get(verdict.get("accepted"), "-"),
+                str(verdict.get("reason", "")),
+            )
+        )
+    return rows
+
+
+def _plot(directory: Path, report: dict[str, Any]) -> str | None:
+    formats = report["formats"]
+    if not any("baseline" in entry for entry in formats.values()):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(formats)
+    figure, axes = plt.subplots(1, 2, figsize=(8, 3.2))
+    for axis, key, label in ((axes[0], "size_ratio", "file size ÷ fp32"), (axes[1], "latency_ratio", "latency ÷ fp32")):
+        values = [formats[name].get(key, 1.0) for name in names]
+        axis.bar(names, values, color=["#4c72b0", "#dd8452"][: len(names)])
+        axis.axhline(1.0, color="grey", linestyle="--", linewidth=1)
+        axis.set_title(label)
+        for index, value in enumerate(values):
+            axis.text(index, value, f"{value:.2f}×", ha="center", va="bottom")
+    figure.suptitle(f"{report['plan']['model']} · {report['plan']['recipe']['name']} vs fp32 (measured here)")
+    figure.tight_layout()
+    figure.savefig(directory / "report.png", dpi=110)
+    plt.close(figure)
+    return "report.png"
+
+
+def write_report(directory: Path, manifest: Manifest, report: dict[str, Any]) -> None:
+    plot = _plot(directory, report)
+    (directory / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    lines = [
+        f"# edgekit export: {manifest.model['spec']}",
+        "",
+        f"- recipe: `{manifest.recipe['name']}` (transform `{manifest.recipe['transform']}`)",
+        f"- device profile: `{manifest.device}`",
+        f"- created: {manifest.created} with edgekit {manifest.edgekit_version}",
+        "",
+        "## Summary",
+        "",
+        _markdown_table(summary_rows(report)),
+        "",
+        "Latency is measured on this machine in the format's real runtime, against an fp32 export of the same",
+        "model in the same process; device figures are the profile's roofline estimate.",
+        "",
+    ]
+    if plot:
+        lines += [f"![size and latency against fp32]({plot})", ""]
+    for fmt, entry in report["formats"].items():
+        verification = entry["verification"]
+        lines += [f"## {fmt}", "", "Verification on sample inputs:", ""]
+        for pair in ("runtime_vs_simulated", "runtime_vs_float", "simulated_vs_float"):
+            metrics = ", ".join(f"{k} {_fmt(v)}" for k, v in verification[pair].items())
+            lines.append(f"- {pair.replace('_', ' ')}: {metrics}")
+        check = entry["device_check"]
+        reasons = check.get("reasons") or []
+        lines += [
+            "",
+            f"Device check: **{'pass' if check.get('passed') else 'FAIL'}**"
+            + (f" ({'; '.join(reasons)})" if reasons else ""),
+            "",
+        ]
+        lines += [_markdown_table(_op_rows(entry)), ""]
+    (directory / "report.md").write_text("\n".join(lines))
