@@ -121,6 +121,147 @@ def recipes_show(
     console.print(table)
 
 
+# -- export ---------------------------------------------------------------------------------------
+@app.command("export")
+def export(
+    model: Annotated[str, typer.Argument(help="zoo:NAME, a Hugging Face model dir, pkg.module:factory or a .pt2")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="bundle directory to write")],
+    recipe: Annotated[str, typer.Option("--recipe", "-r", help="recipe name or .toml path")] = "fp32",
+    device: Annotated[str, typer.Option("--device", "-d", help="device profile (edgekit devices list)")] = (
+        "x86-cpu-onnxruntime"
+    ),
+    fmt: Annotated[str, typer.Option("--format", "-f", help="onnx, pte or all")] = "all",
+    calib: Annotated[str | None, typer.Option("--calib", help="data set name, .npz/.npy folder or text file")] = None,
+    overrides: Annotated[list[str] | None, typer.Option("--set", help="override a recipe setting: key=value")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the resolved plan and do nothing")] = False,
+    force: Annotated[bool, typer.Option("--force", help="replace a non-empty --out directory")] = False,
+    baseline: Annotated[
+        bool, typer.Option("--baseline/--no-baseline", help="export fp32 alongside to measure size/latency ratios")
+    ] = True,
+    eval_samples: Annotated[int, typer.Option("--eval-samples", help="real-data samples for the quality figure")] = 64,
+) -> None:
+    """Export MODEL with a recipe for a device: transform, export, verify three ways, check, write a bundle."""
+    from edgekit import pipeline
+
+    plan = pipeline.plan_export(model, recipe, device, out, fmt, calib, overrides, force, baseline, eval_samples)
+    if dry_run:
+        table = Table(title="export plan (dry run: nothing is loaded or written)", show_header=False)
+        for key, value in plan.describe().items():
+            table.add_row(key, str(value))
+        console.print(table)
+        return
+    result = pipeline.run_export(plan)
+    _print_summary(result.report)
+    console.print(f"bundle written to [bold]{result.out}[/] (report.md, report.json, manifest.json)")
+
+
+def _print_summary(report: dict) -> None:
+    from edgekit.exporters.report import summary_rows
+
+    header, *rows = summary_rows(report)
+    table = Table(title="export summary")
+    for column in header:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+
+
+# -- bundles on the edge --------------------------------------------------------------------------
+@app.command("inspect")
+def inspect_bundle(bundle: Annotated[Path, typer.Argument(help="bundle directory")]) -> None:
+    """Print a bundle's manifest and report summary."""
+    import json
+
+    from edgekit.runtime.manifest import Manifest
+
+    manifest = Manifest.read(bundle)
+    table = Table(title=f"bundle {bundle}", show_header=False)
+    table.add_row("model", f"{manifest.model['spec']} ({manifest.task})")
+    table.add_row("recipe", str(manifest.recipe.get("name")))
+    table.add_row("device", manifest.device)
+    for fmt, spec in manifest.formats.items():
+        for graph_name, graph in spec.graphs.items():
+            inputs = ", ".join(f"{t.name}:{t.dtype}{t.shape}" for t in graph.inputs)
+            outputs = ", ".join(f"{t.name}:{t.dtype}{t.shape}" for t in graph.outputs[:3])
+            more = f" (+{len(graph.outputs) - 3})" if len(graph.outputs) > 3 else ""
+            table.add_row(f"{fmt}/{graph_name}", f"{graph.file}: {inputs} → {outputs}{more}")
+    console.print(table)
+    report_path = bundle / "report.json"
+    if report_path.is_file():
+        _print_summary(json.loads(report_path.read_text()))
+
+
+@app.command("run")
+def run_bundle(
+    bundle: Annotated[Path, typer.Argument(help="bundle directory")],
+    input_file: Annotated[Path | None, typer.Option("--input", "-i", help=".npz with one array per input")] = None,
+    prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="text prompt (language-model bundles)")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 32,
+    fmt: Annotated[str | None, typer.Option("--format", "-f", help="onnx or pte (default: onnx if present)")] = None,
+) -> None:
+    """Run a bundle in the edge runtime on an .npz input or a prompt."""
+    import numpy as np
+
+    from edgekit import runtime
+
+    session = runtime.load(bundle, fmt)
+    if prompt is not None:
+        tokenizer = session.tokenizer
+        ids = tokenizer.encode(prompt).ids
+        generated = session.generate(ids, max_new_tokens)
+        console.print(prompt + tokenizer.decode(generated), highlight=False, markup=False)
+        return
+    if input_file is None:
+        raise EdgekitError("pass --input x.npz (or --prompt for a language-model bundle)")
+    if not input_file.is_file():
+        raise EdgekitError(f"no such input file: {input_file}")
+    try:
+        with np.load(input_file, allow_pickle=False) as loaded:
+            feeds = {key: loaded[key] for key in loaded.files}
+    except (OSError, ValueError) as error:
+        raise EdgekitError(f"{input_file} is not a readable .npz file ({error})") from None
+    outputs = session.run(feeds)
+    labels = session.manifest.model.get("labels")
+    for name, value in outputs.items():
+        console.print(f"[bold]{name}[/] {value.dtype} {list(value.shape)}")
+        if labels and value.ndim == 2 and value.shape[-1] == len(labels):
+            for row in value:
+                top = np.argsort(row)[::-1][:5]
+                console.print("  top-5: " + ", ".join(f"{labels[i]} ({row[i]:.2f})" for i in top), markup=False)
+        else:
+            console.print(np.array2string(value.reshape(-1)[:16], precision=4), markup=False)
+
+
+# -- devices --------------------------------------------------------------------------------------
+@devices_app.command("list")
+def devices_list() -> None:
+    """List the device profiles."""
+    from edgekit import devices
+
+    table = Table(title="device profiles")
+    for column in ("name", "vendor / chip", "runtime", "formats", "peak int8 TOPS", "bandwidth GB/s", "memory GB"):
+        table.add_column(column)
+    for name in devices.list_profiles():
+        profile = devices.load_profile(name)
+        table.add_row(*devices.summary_row(profile))
+    console.print(table)
+
+
+@devices_app.command("show")
+def devices_show(name: Annotated[str, typer.Argument(help="device profile name")]) -> None:
+    """Show every field of a device profile with its source."""
+    from edgekit import devices
+
+    profile = devices.load_profile(name)
+    table = Table(title=f"device {name}")
+    for column in ("field", "value", "source"):
+        table.add_column(column)
+    for field_name, value, source in devices.describe(profile):
+        table.add_row(field_name, str(value), source)
+    console.print(table)
+
+
 def main() -> None:
     """Console entry point: a user's mistake is one red line and exit code 2, never a traceback."""
     try:

@@ -104,12 +104,24 @@ def load_exported_program(path: Path) -> ModelBundle:
     flat = list(args) + list(kwargs.values())
     return ModelBundle(
         spec=str(path),
-        module=program.module(),
+        module=_NamedInputs(program.module(), names),
         example_inputs=dict(zip(names, flat, strict=True)),
         task="generic",
         source_hash=file_sha256(path),
         description=f"exported program {path.name}",
     )
+
+
+class _NamedInputs(torch.nn.Module):
+    """Lets an unlifted exported program, which takes positional inputs, be called by input name."""
+
+    def __init__(self, inner: torch.nn.Module, names: list[str]) -> None:
+        super().__init__()
+        self.inner = inner
+        self.names = names
+
+    def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
+        return self.inner(*(inputs[name] for name in self.names))
 
 
 def state_hash(module: torch.nn.Module) -> str:
