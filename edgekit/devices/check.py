@@ -258,7 +258,7 @@ def check(
     host_runs: list[OpVerdict] = []
     if allow_fallback and profile.host and blocked:
         host = load_profile(profile.host)
-        host_runs = [op for op in blocked if judge(_as_stat(op), host).accepted]
+        host_runs = [op for op in blocked if judge(host_stat(op), host).accepted]
         if host_runs:
             warnings.append(f"falls back to host {host.name}: " + ", ".join(_names(host_runs)))
     on_host = {id(op) for op in host_runs}
@@ -301,7 +301,8 @@ def check(
     )
 
 
-def _as_stat(op: OpVerdict) -> OpStat:
+def host_stat(op: OpVerdict) -> OpStat:
+    """The op as the host CPU sees it when it falls back there: same dtypes, no delegate question."""
     return OpStat(
         op.op_type, op.count, op.integer, op.activation_bits, op.weight_bits, op.flops, op.bytes_moved, None
-    )  # the host runs it outside any delegate question
+    )

@@ -14,7 +14,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from edgekit.devices.check import _as_stat, judge
+from edgekit.devices.check import host_stat, judge
 from edgekit.devices.ops import OpStat
 from edgekit.devices.profile import DeviceProfile, load_profile
 
@@ -140,7 +140,7 @@ def estimate(op_stats: list[OpStat], profile: DeviceProfile | str, *, fallback: 
         verdict = judge(op, profile)
         unit, dtype, where, note = profile, verdict.runs_as, "device", ""
         if not verdict.accepted:
-            host_verdict = judge(_as_stat(verdict), host) if host else None
+            host_verdict = judge(host_stat(verdict), host) if host else None
             if host and host_verdict and host_verdict.accepted:
                 unit, dtype, where = host, host_verdict.runs_as, "host"
                 note = f"{verdict.status} on {profile.name} ({verdict.reason}); costed on {host.name}"
