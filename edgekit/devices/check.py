@@ -14,7 +14,7 @@ from typing import Any
 
 from edgekit.devices.classes import UNKNOWN, is_compute, normalise, op_class
 from edgekit.devices.ops import OpStat
-from edgekit.devices.profile import FORMATS, DeviceProfile, _int_dtype, load_profile
+from edgekit.devices.profile import FORMATS, DeviceProfile, int_dtype, load_profile
 from edgekit.errors import EdgekitError
 
 ACCEPTED = ("ok", "dequantized")
@@ -92,7 +92,7 @@ def judge(op: OpStat, profile: DeviceProfile) -> OpVerdict:
         return verdict("undelegated", None, "outside the backend delegate: it would run on the host CPU")
     float_dtype = rule.float[0] if rule.float else None
     if rule.any_dtype:
-        runs_as = _int_dtype(op.activation_bits, op.weight_bits) if op.integer else (float_dtype or "fp32")
+        runs_as = int_dtype(op.activation_bits, op.weight_bits) if op.integer else (float_dtype or "fp32")
         return verdict("ok", runs_as, "any dtype: the runtime folds or re-tags these ops")
     if not op.integer:
         if float_dtype:
@@ -100,7 +100,7 @@ def judge(op: OpStat, profile: DeviceProfile) -> OpVerdict:
         return verdict("rejected", None, f"float {cls} is not executed here ({rule.requirement()})")
     problem = _integer_problem(op, rule.int_activation_bits, rule.int_weight_bits, cls)
     if problem is None:
-        runs_as = _int_dtype(op.activation_bits or min(rule.int_activation_bits), op.weight_bits)
+        runs_as = int_dtype(op.activation_bits or min(rule.int_activation_bits), op.weight_bits)
         width = "" if op.activation_bits is not None else " (width not stated by the exporter)"
         return verdict("ok", runs_as, f"integer, computed in {runs_as}{width}")
     if float_dtype:

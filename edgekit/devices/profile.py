@@ -45,7 +45,7 @@ class ClassRule:
     def compute_dtypes(self) -> set[str]:
         """Every dtype an accepted op of this class computes in (keys the peak/energy tables need)."""
         weights = self.int_weight_bits or (None,)
-        dtypes = {_int_dtype(a, w) for a in self.int_activation_bits for w in weights}
+        dtypes = {int_dtype(a, w) for a in self.int_activation_bits for w in weights}
         return dtypes | set(self.float)
 
     def requirement(self) -> str:
@@ -63,7 +63,7 @@ class ClassRule:
         return "; ".join(parts)
 
 
-def _int_dtype(activation_bits: int | None, weight_bits: int | None) -> str:
+def int_dtype(activation_bits: int | None, weight_bits: int | None) -> str:
     """Integer width a MAC runs at: the wider operand, never below 8 (4-bit weights unpack to 8)."""
     return f"int{max(activation_bits or 8, weight_bits or 0, 8)}"
 
