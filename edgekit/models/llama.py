@@ -71,6 +71,9 @@ class CausalLMWithCache(nn.Module):
         if not 1 <= n <= total:
             raise EdgekitError(f"num_layers must be between 1 and {total}, got {num_layers}")
         self.config = config
+        # Kept for recipes that need the original (e.g. a sub-model of other depth), but not
+        # registered as a submodule: its parameters would appear twice in state_dict and exports.
+        object.__setattr__(self, "_hf_model", hf_model)
         self.embed_tokens = base.embed_tokens
         self.layers = nn.ModuleList(list(base.layers)[:n])
         self.norm = base.norm
@@ -84,11 +87,16 @@ class CausalLMWithCache(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     @property
+    def hf_model(self) -> nn.Module:
+        """The transformers model whose submodules this one runs (shared, not copied)."""
+        return self._hf_model
+
+    @property
     def num_layers(self) -> int:
         return len(self.layers)
 
     # -- building blocks -------------------------------------------------------------------
-    def _rope(self, start: int | torch.SymInt, length: int | torch.SymInt) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rope(self, start: int | torch.SymInt, length: int | torch.SymInt) -> tuple[torch.Tensor, ...]:
         """cos/sin [1, 1, length, head_dim] for positions start .. start+length-1 (no gather)."""
         positions = torch.arange(length, dtype=torch.float32, device=self.inv_freq.device) + start
         freqs = positions[:, None] * self.inv_freq[None, :]
