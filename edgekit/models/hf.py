@@ -30,8 +30,12 @@ from edgekit.models.bundle import ModelBundle
 CAUSAL_LM = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 TEXT_ENCODERS = ("bert", "roberta", "xlm-roberta", "distilbert")  # by model_type, any head
 VISION_ENCODERS = ("dinov2",)
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json")
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MASK_VALUE = -1.0e4  # additive attention mask for padding; exp(-1e4) == 0 in float32
@@ -193,8 +197,10 @@ def _causal_lm(path: Path, config: dict[str, Any], max_tokens: int | None) -> Mo
     from edgekit.models.llama import CausalLMWithCache
 
     window = config.get("sliding_window")
-    if window is not None and config.get("use_sliding_window", True) and window < config.get(
-        "max_position_embeddings", 0
+    if (
+        window is not None
+        and config.get("use_sliding_window", True)
+        and window < config.get("max_position_embeddings", 0)
     ):
         raise EdgekitError(f"{path}/config.json: sliding-window attention ({window}) is not supported")
     hf_model = _from_pretrained(AutoModelForCausalLM.from_pretrained, path)
