@@ -95,7 +95,7 @@ def main() -> None:
             value = (entry.get(fmt) or {}).get("quality", {}).get("export")
             return "-" if value is None else f"{value:.4g}"
 
-        def r(key: str) -> str:
+        def r(key: str, row: dict = row) -> str:
             value = row.get(key)
             return "-" if value is None else f"{value:.3f}"
 
