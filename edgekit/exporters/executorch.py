@@ -139,7 +139,9 @@ def _program_to_lower(bundle: ModelBundle, calib: Sequence[Mapping[str, Any]] | 
 
     if not calib:
         raise EdgekitError("int8 ExecuTorch export needs calibration data (the bundle has no pt2e program)")
-    return quantize_program(bundle.module, bundle.example_inputs, list(calib)[: bundle.quant.samples], bundle.quant)
+    return quantize_program(
+        bundle.module, bundle.example_inputs, list(calib)[: bundle.quant.samples], bundle.quant
+    )
 
 
 def lower(exported: torch.export.ExportedProgram) -> tuple[Any, dict[str, str]]:
@@ -203,7 +205,7 @@ def _outputs(edge: torch.export.ExportedProgram, names: Sequence[str]) -> list[T
 
 
 def _op_name(target: Any) -> str:
-    """"aten.convolution.default", "quantized_decomposed.quantize_per_tensor.default", ..."""
+    """ "aten.convolution.default", "quantized_decomposed.quantize_per_tensor.default", ..."""
     if isinstance(target, torch._ops.OpOverload):
         return str(target)
     name = getattr(target, "__name__", None) or str(target)
@@ -211,7 +213,7 @@ def _op_name(target: Any) -> str:
 
 
 def _short(name: str) -> str:
-    """"aten.convolution.default" -> "aten.convolution" (for matching op families)."""
+    """ "aten.convolution.default" -> "aten.convolution" (for matching op families)."""
     parts = name.split(".")
     return ".".join(parts[:2]) if len(parts) >= 2 else name
 
@@ -344,7 +346,6 @@ class _Graph:
         return False
 
 
-
 def _weight_bits(graph: _Graph, node: torch.fx.Node) -> int | None:
     for arg in _tensor_args(node)[1:]:
         if graph.is_weight_dequant(arg):
@@ -440,7 +441,11 @@ def pte_op_stats(edge_program: torch.export.ExportedProgram) -> list[OpStat]:
         stat = stats.get(key)
         if stat is None:
             stat = stats[key] = OpStat(
-                op_type=name, count=0, integer=integer, activation_bits=bits, weight_bits=weight_bits,
+                op_type=name,
+                count=0,
+                integer=integer,
+                activation_bits=bits,
+                weight_bits=weight_bits,
                 delegated=delegated,
             )
         stat.count += 1

@@ -20,8 +20,15 @@ from edgekit.errors import EdgekitError
 
 # ExecuTorch ScalarType codes (c10 numbering) -> numpy dtype names
 _SCALAR_TYPES = {
-    0: "uint8", 1: "int8", 2: "int16", 3: "int32", 4: "int64", 5: "float16", 6: "float32",
-    7: "float64", 11: "bool",
+    0: "uint8",
+    1: "int8",
+    2: "int16",
+    3: "int32",
+    4: "int64",
+    5: "float16",
+    6: "float32",
+    7: "float64",
+    11: "bool",
 }
 
 
@@ -54,11 +61,13 @@ class PteProgram:
             self._program = runtime.load_program(self.path)
         except (RuntimeError, ValueError) as error:
             raise EdgekitError(
-                f"{self.path.name} is not a valid ExecuTorch program (truncated or corrupt): {_first_line(error)}"
+                f"{self.path.name} is not a valid ExecuTorch program (truncated or corrupt): "
+                f"{_first_line(error)}"
             ) from None
         if method not in self._program.method_names:
             raise EdgekitError(
-                f"{self.path.name} has no method '{method}'; it has {', '.join(sorted(self._program.method_names))}"
+                f"{self.path.name} has no method '{method}'; "
+                f"it has {', '.join(sorted(self._program.method_names))}"
             )
         try:
             self._method = self._program.load_method(method)
@@ -94,7 +103,9 @@ class PteProgram:
             else:
                 missing = [n for n in self.input_names if n not in inputs]
                 if missing:
-                    raise EdgekitError(f"missing input '{missing[0]}' (inputs: {', '.join(self.input_names)})")
+                    raise EdgekitError(
+                        f"missing input '{missing[0]}' (inputs: {', '.join(self.input_names)})"
+                    )
                 values = [inputs[n] for n in self.input_names]
         else:
             values = list(inputs)
@@ -108,7 +119,8 @@ class PteProgram:
         array = np.asarray(value)
         if tuple(array.shape) != expected.shape:
             raise EdgekitError(
-                f"input {name} has shape {list(array.shape)}; this program was exported for {list(expected.shape)}"
+                f"input {name} has shape {list(array.shape)}; "
+                f"this program was exported for {list(expected.shape)}"
             )
         want = np.dtype(expected.dtype)
         if array.dtype != want:
@@ -122,7 +134,9 @@ class PteProgram:
 
 def _tensor_meta(info: Any) -> PteTensor:
     code = int(info.dtype())
-    return PteTensor(dtype=_SCALAR_TYPES.get(code, f"scalar_type_{code}"), shape=tuple(int(d) for d in info.sizes()))
+    return PteTensor(
+        dtype=_SCALAR_TYPES.get(code, f"scalar_type_{code}"), shape=tuple(int(d) for d in info.sizes())
+    )
 
 
 def _to_tensor(array: np.ndarray) -> Any:

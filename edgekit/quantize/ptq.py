@@ -47,7 +47,9 @@ def spec_from_config(config: Config) -> QuantSpec:
             f"weight_bits={config.weight_bits}, activation_bits={config.activation_bits}"
         )
     if config.calibration not in CALIBRATIONS:
-        raise EdgekitError(f"ptq calibration must be one of {', '.join(CALIBRATIONS)}, got '{config.calibration}'")
+        raise EdgekitError(
+            f"ptq calibration must be one of {', '.join(CALIBRATIONS)}, got '{config.calibration}'"
+        )
     if config.samples < 1:
         raise EdgekitError(f"ptq needs at least one calibration sample, got samples={config.samples}")
     return QuantSpec(
@@ -81,7 +83,9 @@ def xnnpack_quantizer(spec: QuantSpec) -> Any:
     return XNNPACKQuantizer().set_global(config)
 
 
-def to_tensors(sample: Mapping[str, Any], example: Mapping[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+def to_tensors(
+    sample: Mapping[str, Any], example: Mapping[str, torch.Tensor], where: str
+) -> dict[str, torch.Tensor]:
     """A calibration sample as tensors of the example inputs' dtypes and shapes (static shapes)."""
     missing = sorted(set(example) - set(sample))
     extra = sorted(set(sample) - set(example))
@@ -185,7 +189,11 @@ def collapse_identity_requantize(program: torch.fx.GraphModule) -> int:
         if node.target != quantize:
             continue
         source = node.args[0]
-        if isinstance(source, torch.fx.Node) and source.target == dequantize and _qparams(source) == _qparams(node):
+        if (
+            isinstance(source, torch.fx.Node)
+            and source.target == dequantize
+            and _qparams(source) == _qparams(node)
+        ):
             node.replace_all_uses_with(source.args[0])
             graph.erase_node(node)
             if not source.users:
@@ -199,10 +207,22 @@ def collapse_identity_requantize(program: torch.fx.GraphModule) -> int:
 
 # data-movement ops XNNPACK runs on int8 only with identical input/output scale and zero point
 _COPY_OPS = {
-    "aten.slice.Tensor", "aten.select.int", "aten.narrow.default", "aten.view.default",
-    "aten._unsafe_view.default", "aten.reshape.default", "aten.permute.default", "aten.transpose.int",
-    "aten.t.default", "aten.unsqueeze.default", "aten.squeeze.dim", "aten.squeeze.dims",
-    "aten.squeeze.default", "aten.expand.default", "aten.clone.default", "aten.flatten.using_ints",
+    "aten.slice.Tensor",
+    "aten.select.int",
+    "aten.narrow.default",
+    "aten.view.default",
+    "aten._unsafe_view.default",
+    "aten.reshape.default",
+    "aten.permute.default",
+    "aten.transpose.int",
+    "aten.t.default",
+    "aten.unsqueeze.default",
+    "aten.squeeze.dim",
+    "aten.squeeze.dims",
+    "aten.squeeze.default",
+    "aten.expand.default",
+    "aten.clone.default",
+    "aten.flatten.using_ints",
 }
 
 
@@ -283,4 +303,3 @@ def _count_quantized_ops(program: torch.fx.GraphModule) -> dict[str, int]:
             key = ".".join(name[:2]) if name[0] == "aten" else str(node.target)
             counts[key] = counts.get(key, 0) + 1
     return counts
-
