@@ -48,8 +48,8 @@ class PteProgram:
     def __init__(
         self,
         path: str | os.PathLike[str],
-        method: str = "forward",
         input_names: Sequence[str] | None = None,
+        method: str = "forward",
     ) -> None:
         self.path = Path(path)
         if not self.path.is_file():

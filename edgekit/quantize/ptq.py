@@ -114,11 +114,14 @@ def quantize_program(
     example_inputs: Mapping[str, torch.Tensor],
     samples: Sequence[Mapping[str, Any]],
     spec: QuantSpec,
+    *,
+    xnnpack_rewrites: bool = True,
 ) -> torch.fx.GraphModule:
     """Export, annotate for XNNPACK, calibrate on ``samples`` and convert: the pt2e int8 program.
 
     Shapes are static (the example inputs'): the .pte is static, and a static graph keeps
-    shape arithmetic (masks, slices) out of the quantized program.
+    shape arithmetic (masks, slices) out of the quantized program. ``xnnpack_rewrites`` applies
+    the exact graph rewrites below that XNNPACK needs (off only to test that they are exact).
     """
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
@@ -129,13 +132,15 @@ def quantize_program(
     with torch.no_grad():
         exported = torch.export.export(module, (), dict(example_inputs), strict=False)
         graph_module = exported.module()
-        strip_noop_conversions(graph_module)
+        if xnnpack_rewrites:
+            strip_noop_conversions(graph_module)
         prepared = prepare_pt2e(graph_module, xnnpack_quantizer(spec))
         for batch in batches:
             prepared(**batch)
         converted = convert_pt2e(prepared)
-    collapse_identity_requantize(converted)
-    requantize_before_copies(converted)
+    if xnnpack_rewrites:
+        collapse_identity_requantize(converted)
+        requantize_before_copies(converted)
     return converted
 
 
