@@ -159,12 +159,17 @@ def _print_summary(report: dict) -> None:
     from edgekit.exporters.report import summary_rows
 
     header, *rows = summary_rows(report)
-    table = Table(title="export summary")
-    for column in header:
-        table.add_column(column)
+    table = Table(title="export summary")  # one column per format: reads well in 80 columns
+    table.add_column(header[0], style="bold")
     for row in rows:
-        table.add_row(*row)
+        table.add_column(row[0])
+    for index, label in enumerate(header[1:], start=1):
+        table.add_row(label, *(row[index] for row in rows))
     console.print(table)
+    for fmt, entry in report["formats"].items():
+        check = entry["device_check"]
+        if check.get("reasons"):
+            console.print(f"[yellow]{fmt}[/] on {check['device']}: " + "; ".join(check["reasons"]), highlight=False)
 
 
 # -- bundles on the edge --------------------------------------------------------------------------

@@ -68,8 +68,7 @@ def read_idx(path: Path, expect_ndim: int | None = None) -> np.ndarray:
     expected = int(np.prod(shape)) * dtype.itemsize
     if len(payload) - header != expected:
         raise EdgekitError(
-            f"{path}: IDX payload is {len(payload) - header} bytes but shape {shape} needs {expected} "
-            "(truncated?)"
+            f"{path}: IDX payload is {len(payload) - header} bytes but shape {shape} needs {expected} (truncated?)"
         )
     return np.frombuffer(payload, dtype=dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
 

@@ -80,9 +80,7 @@ _DROPPED_TAGS = (
 def dump_path() -> Path:
     spec = importlib.util.find_spec("gensim")
     if spec is None or not spec.submodule_search_locations:
-        raise EdgekitError(
-            "the wikipedia data set needs gensim's test data: pip install --no-deps gensim==4.4.0"
-        )
+        raise EdgekitError("the wikipedia data set needs gensim's test data: pip install --no-deps gensim==4.4.0")
     path = Path(spec.submodule_search_locations[0]) / DUMP
     if not path.is_file():
         raise EdgekitError(f"{path} is missing; reinstall gensim")
@@ -110,9 +108,7 @@ def _link_text(match: re.Match) -> str:
     target, _, label = match.group(1).partition("|")
     namespace, colon, _ = target.partition(":")
     namespace = namespace.strip()
-    if colon and (
-        namespace.lower() in _DROPPED_NAMESPACES or re.fullmatch(r"[a-z]{2,3}(-[a-z]+)*", namespace)
-    ):
+    if colon and (namespace.lower() in _DROPPED_NAMESPACES or re.fullmatch(r"[a-z]{2,3}(-[a-z]+)*", namespace)):
         return ""  # files, categories, interlanguage links: not prose
     return (label.rsplit("|", 1)[-1] if label else target).strip()
 
@@ -159,11 +155,7 @@ def strip_markup(wikitext: str) -> str:
         line = re.sub(r"^[*#:;]+\s*", "", line.strip())
         line = re.sub(r"\s+", " ", line).strip()
         line = re.sub(r"\(\s*[,;]?\s*\)", "", line).replace(" ,", ",").replace(" .", ".").strip()
-        if (
-            line == "----"
-            or re.match(r"\[\[(file|image):", line, re.I)
-            or (lines and not lines[-1] and not line)
-        ):
+        if line == "----" or re.match(r"\[\[(file|image):", line, re.I) or (lines and not lines[-1] and not line):
             continue
         lines.append(line)
     return "\n".join(lines).strip()
@@ -224,9 +216,7 @@ def token_stream(
     if separator_id is None:
         separator_id = tokenizer.eos_token_id
     separator = (
-        [int(separator_id)]
-        if separator_id is not None
-        else tokenizer("\n\n", add_special_tokens=False).input_ids
+        [int(separator_id)] if separator_id is not None else tokenizer("\n\n", add_special_tokens=False).input_ids
     )
     ids: list[int] = []
     for item in items(split):

@@ -128,10 +128,25 @@ def export_pte(
     )
 
 
+class _Named(torch.nn.Module):
+    """Puts the model under an attribute, so parameter names never start with a digit.
+
+    XNNPACK's FuseBatchNormPass builds names like ``0_weight_fused_bn`` from an ``nn.Sequential``'s
+    top-level children and then fails to find them; one level of nesting avoids that.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, **inputs: torch.Tensor) -> Any:
+        return self.model(**inputs)
+
+
 def _program_to_lower(bundle: ModelBundle, calib: Sequence[Mapping[str, Any]] | None) -> torch.nn.Module:
     if bundle.quant is None:
         bundle.module.eval()
-        return bundle.module
+        return _Named(bundle.module)
     program = bundle.meta.get("pt2e_program")
     if program is not None:
         return program
@@ -139,9 +154,7 @@ def _program_to_lower(bundle: ModelBundle, calib: Sequence[Mapping[str, Any]] | 
 
     if not calib:
         raise EdgekitError("int8 ExecuTorch export needs calibration data (the bundle has no pt2e program)")
-    return quantize_program(
-        bundle.module, bundle.example_inputs, list(calib)[: bundle.quant.samples], bundle.quant
-    )
+    return quantize_program(bundle.module, bundle.example_inputs, list(calib)[: bundle.quant.samples], bundle.quant)
 
 
 def lower(exported: torch.export.ExportedProgram) -> tuple[Any, dict[str, str]]:
@@ -408,9 +421,7 @@ def _node_stats(graph: _Graph, delegated: bool) -> Iterator[tuple[tuple, float, 
             # outside a delegate an op is integer when it reads int8/int16 storage (portable q-kernels)
             first = next(iter(_tensor_args(node)), None)
             dtype = _tensor(first).dtype if first is not None else None
-            integer = dtype in (torch.int8, torch.uint8, torch.int16) and not (
-                _is_quant(node) or _is_dequant(node)
-            )
+            integer = dtype in (torch.int8, torch.uint8, torch.int16) and not (_is_quant(node) or _is_dequant(node))
         fused = integer and delegated and not any(_is_dequant(a) for a in _tensor_args(node))
         bits = _activation_bits(node) if integer else None
         if integer and bits is None:

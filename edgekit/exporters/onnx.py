@@ -786,9 +786,7 @@ def resolve_overrides(
             resolved[name] = value
     if missing:
         shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
-        raise EdgekitError(
-            f"quantization overrides name neither a tensor nor a module of the exported graph: {shown}"
-        )
+        raise EdgekitError(f"quantization overrides name neither a tensor nor a module of the exported graph: {shown}")
     return resolved
 
 
@@ -840,9 +838,7 @@ def tensor_overrides(
                         overrides[output] = [{"quant_type": QuantType.QUInt16}]
         if overrides:
             helper_ = TensorQuantOverridesHelper(overrides)
-            fixer = MixedPrecisionTensorQuantOverridesFixer.create_from_model(
-                helper_, model, QuantType.QUInt8
-            )
+            fixer = MixedPrecisionTensorQuantOverridesFixer.create_from_model(helper_, model, QuantType.QUInt8)
             fixer.apply(QuantType.QUInt8, spec.activation_symmetric)
             overrides = helper_.get_dict()
 
@@ -931,8 +927,7 @@ class _FeedReader:
         for index, feed in enumerate(feeds):
             if set(feed) != set(self.dtypes):
                 raise EdgekitError(
-                    f"calibration sample {index} has inputs {sorted(feed)}, "
-                    f"the graph needs {sorted(self.dtypes)}"
+                    f"calibration sample {index} has inputs {sorted(feed)}, the graph needs {sorted(self.dtypes)}"
                 )
         self.feeds = list(feeds)
         self.position = 0

@@ -136,18 +136,12 @@ class _Graph:
             tensor_type = vi.type.tensor_type
             self.types[vi.name] = tensor_type.elem_type
             if tensor_type.HasField("shape"):
-                self.shapes[vi.name] = [
-                    d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim
-                ]
+                self.shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim]
         for init in graph.initializer:
             self.types[init.name] = init.data_type
             self.shapes[init.name] = list(init.dims)
         for node in self.nodes:
-            if (
-                node.op_type == "Constant"
-                and node.attribute
-                and node.attribute[0].type == onnx.AttributeProto.TENSOR
-            ):
+            if node.op_type == "Constant" and node.attribute and node.attribute[0].type == onnx.AttributeProto.TENSOR:
                 t = node.attribute[0].t
                 self.types[node.output[0]] = t.data_type
                 self.shapes[node.output[0]] = list(t.dims)
@@ -179,9 +173,7 @@ class _Graph:
         return producer if producer is not None and producer.op_type == "DequantizeLinear" else None
 
     def is_constant(self, name: str) -> bool:
-        return name in self.initializers or (
-            name in self.producer and self.producer[name].op_type == "Constant"
-        )
+        return name in self.initializers or (name in self.producer and self.producer[name].op_type == "Constant")
 
     def _is_weight_dq(self, dq: onnx.NodeProto) -> bool:
         return self.is_constant(dq.input[0])
@@ -259,11 +251,7 @@ class _Graph:
         """Width a tensor has in memory: integer when it travels through Q/DQ, else its own type."""
         if produced:
             consumers = self.consumers.get(name, [])
-            if (
-                consumers
-                and name not in self.outputs
-                and all(c.op_type == "QuantizeLinear" for c in consumers)
-            ):
+            if consumers and name not in self.outputs and all(c.op_type == "QuantizeLinear" for c in consumers):
                 return _BITS.get(self._int_type(consumers[0].output[0]), 8) / 8
         else:
             dq = self._dq_of(name)

@@ -61,13 +61,11 @@ class PteProgram:
             self._program = runtime.load_program(self.path)
         except (RuntimeError, ValueError) as error:
             raise EdgekitError(
-                f"{self.path.name} is not a valid ExecuTorch program (truncated or corrupt): "
-                f"{_first_line(error)}"
+                f"{self.path.name} is not a valid ExecuTorch program (truncated or corrupt): {_first_line(error)}"
             ) from None
         if method not in self._program.method_names:
             raise EdgekitError(
-                f"{self.path.name} has no method '{method}'; "
-                f"it has {', '.join(sorted(self._program.method_names))}"
+                f"{self.path.name} has no method '{method}'; it has {', '.join(sorted(self._program.method_names))}"
             )
         try:
             self._method = self._program.load_method(method)
@@ -81,9 +79,7 @@ class PteProgram:
         self.outputs = [_tensor_meta(meta.output_tensor_meta(i)) for i in range(meta.num_outputs())]
         self.input_names = list(input_names) if input_names is not None else None
         if self.input_names is not None and len(self.input_names) != len(self.inputs):
-            raise EdgekitError(
-                f"{self.path.name} takes {len(self.inputs)} inputs, got {len(self.input_names)} names"
-            )
+            raise EdgekitError(f"{self.path.name} takes {len(self.inputs)} inputs, got {len(self.input_names)} names")
         self.backends = list(runtime.backend_registry.registered_backend_names)
 
     def run(self, inputs: Mapping[str, np.ndarray] | Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -103,9 +99,7 @@ class PteProgram:
             else:
                 missing = [n for n in self.input_names if n not in inputs]
                 if missing:
-                    raise EdgekitError(
-                        f"missing input '{missing[0]}' (inputs: {', '.join(self.input_names)})"
-                    )
+                    raise EdgekitError(f"missing input '{missing[0]}' (inputs: {', '.join(self.input_names)})")
                 values = [inputs[n] for n in self.input_names]
         else:
             values = list(inputs)
@@ -119,8 +113,7 @@ class PteProgram:
         array = np.asarray(value)
         if tuple(array.shape) != expected.shape:
             raise EdgekitError(
-                f"input {name} has shape {list(array.shape)}; "
-                f"this program was exported for {list(expected.shape)}"
+                f"input {name} has shape {list(array.shape)}; this program was exported for {list(expected.shape)}"
             )
         want = np.dtype(expected.dtype)
         if array.dtype != want:
@@ -134,9 +127,7 @@ class PteProgram:
 
 def _tensor_meta(info: Any) -> PteTensor:
     code = int(info.dtype())
-    return PteTensor(
-        dtype=_SCALAR_TYPES.get(code, f"scalar_type_{code}"), shape=tuple(int(d) for d in info.sizes())
-    )
+    return PteTensor(dtype=_SCALAR_TYPES.get(code, f"scalar_type_{code}"), shape=tuple(int(d) for d in info.sizes()))
 
 
 def _to_tensor(array: np.ndarray) -> Any:

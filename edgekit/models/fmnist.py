@@ -107,9 +107,7 @@ def preprocess(image: np.ndarray) -> dict[str, torch.Tensor]:
     return {"x": to_tensor(array[None], MEAN, STD)}
 
 
-def train_and_save(
-    name: str, build: Callable[[], nn.Module], recipe: Recipe, directory: Path, meta: dict
-) -> None:
+def train_and_save(name: str, build: Callable[[], nn.Module], recipe: Recipe, directory: Path, meta: dict) -> None:
     """Train ``build()`` with ``recipe`` on the 60k training images; write weights and fill ``meta``."""
     train_images, train_labels = fashion_mnist.arrays("calib")
     test_images, test_labels = fashion_mnist.arrays("eval")

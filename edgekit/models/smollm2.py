@@ -61,15 +61,11 @@ def _convert(target: Path, gguf: Path) -> None:
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     model = LlamaForCausalLM(config)
-    tensors = load_gguf_checkpoint(
-        str(gguf), return_tensors=True, model_to_load=model, torch_dtype=torch.float32
-    )
+    tensors = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=model, torch_dtype=torch.float32)
     result = model.load_state_dict(tensors["tensors"], strict=False)
     missing = set(result.missing_keys) - ({"lm_head.weight"} if config.tie_word_embeddings else set())
     if missing or result.unexpected_keys:
-        raise RuntimeError(
-            f"GGUF conversion mismatch: missing {missing}, unexpected {result.unexpected_keys}"
-        )
+        raise RuntimeError(f"GGUF conversion mismatch: missing {missing}, unexpected {result.unexpected_keys}")
     model.tie_weights()
     model.save_pretrained(target)
     AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(target)

@@ -30,9 +30,7 @@ class TrainReport:
     epoch_accuracies: list[float] = field(default_factory=list)  # on eval arrays, when given
 
 
-def to_tensor(
-    images: np.ndarray, mean: float | tuple[float, ...], std: float | tuple[float, ...]
-) -> torch.Tensor:
+def to_tensor(images: np.ndarray, mean: float | tuple[float, ...], std: float | tuple[float, ...]) -> torch.Tensor:
     """uint8 [N,H,W] / [N,C,H,W] (0-255) or float in [0,1] -> normalised float32 [N,C,H,W]."""
     array = np.asarray(images)
     scale = 255.0 if array.dtype == np.uint8 else 1.0
@@ -52,9 +50,7 @@ def augment_batch(batch: torch.Tensor, generator: torch.Generator, shift: int = 
     padded = torch.nn.functional.pad(batch, (shift, shift, shift, shift), mode="replicate")
     dy = torch.randint(0, 2 * shift + 1, (n,), generator=generator)
     dx = torch.randint(0, 2 * shift + 1, (n,), generator=generator)
-    rows = (dy[:, None] + torch.arange(h)[None, :])[:, None, :, None].expand(
-        n, batch.shape[1], h, w + 2 * shift
-    )
+    rows = (dy[:, None] + torch.arange(h)[None, :])[:, None, :, None].expand(n, batch.shape[1], h, w + 2 * shift)
     shifted = padded.gather(2, rows)
     cols = (dx[:, None] + torch.arange(w)[None, :])[:, None, None, :].expand(n, batch.shape[1], h, w)
     shifted = shifted.gather(3, cols)
@@ -144,18 +140,14 @@ def train_classifier(
                     batch = augment_batch(batch, generator)
                 loss = loss_fn(model(batch), targets[index])
                 if not torch.isfinite(loss):
-                    raise EdgekitError(
-                        f"{description}: loss became {loss.item()} at epoch {epoch + 1}; lower lr"
-                    )
+                    raise EdgekitError(f"{description}: loss became {loss.item()} at epoch {epoch + 1}; lower lr")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 schedule.step()
                 running += loss.item() * len(index)
                 seen += len(index)
-                bar.update(
-                    task, advance=1, loss=running / seen, description=f"{description} {epoch + 1}/{epochs}"
-                )
+                bar.update(task, advance=1, loss=running / seen, description=f"{description} {epoch + 1}/{epochs}")
             report.epoch_losses.append(running / seen)
             eval_accuracy = None
             if eval_inputs is not None and eval_labels is not None:

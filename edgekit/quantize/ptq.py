@@ -47,9 +47,7 @@ def spec_from_config(config: Config) -> QuantSpec:
             f"weight_bits={config.weight_bits}, activation_bits={config.activation_bits}"
         )
     if config.calibration not in CALIBRATIONS:
-        raise EdgekitError(
-            f"ptq calibration must be one of {', '.join(CALIBRATIONS)}, got '{config.calibration}'"
-        )
+        raise EdgekitError(f"ptq calibration must be one of {', '.join(CALIBRATIONS)}, got '{config.calibration}'")
     if config.samples < 1:
         raise EdgekitError(f"ptq needs at least one calibration sample, got samples={config.samples}")
     return QuantSpec(
@@ -71,21 +69,15 @@ def xnnpack_quantizer(spec: QuantSpec) -> Any:
     from torchao.quantization.pt2e import HistogramObserver, MinMaxObserver
 
     if spec.sixteen_bit_ops or spec.overrides:
-        raise EdgekitError(
-            "the XNNPACK int8 path cannot honour 16-bit ops or fixed activation scales in the QuantSpec"
-        )
+        raise EdgekitError("the XNNPACK int8 path cannot honour 16-bit ops or fixed activation scales in the QuantSpec")
     config = get_symmetric_quantization_config(is_per_channel=spec.weight_per_channel, is_dynamic=False)
     observer = MinMaxObserver if spec.calibration == "minmax" else HistogramObserver
-    activation = dataclasses.replace(
-        config.input_activation, observer_or_fake_quant_ctr=observer.with_args(eps=2**-12)
-    )
+    activation = dataclasses.replace(config.input_activation, observer_or_fake_quant_ctr=observer.with_args(eps=2**-12))
     config = dataclasses.replace(config, input_activation=activation, output_activation=activation)
     return XNNPACKQuantizer().set_global(config)
 
 
-def to_tensors(
-    sample: Mapping[str, Any], example: Mapping[str, torch.Tensor], where: str
-) -> dict[str, torch.Tensor]:
+def to_tensors(sample: Mapping[str, Any], example: Mapping[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
     """A calibration sample as tensors of the example inputs' dtypes and shapes (static shapes)."""
     missing = sorted(set(example) - set(sample))
     extra = sorted(set(sample) - set(example))
@@ -194,11 +186,7 @@ def collapse_identity_requantize(program: torch.fx.GraphModule) -> int:
         if node.target != quantize:
             continue
         source = node.args[0]
-        if (
-            isinstance(source, torch.fx.Node)
-            and source.target == dequantize
-            and _qparams(source) == _qparams(node)
-        ):
+        if isinstance(source, torch.fx.Node) and source.target == dequantize and _qparams(source) == _qparams(node):
             node.replace_all_uses_with(source.args[0])
             graph.erase_node(node)
             if not source.users:
