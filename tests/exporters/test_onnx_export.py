@@ -145,9 +145,7 @@ def test_tensor_overrides_are_written_exactly(tmp_path, bundles, exported):
         assert got_zero.dtype == np.uint8 and got_zero.item() == 3
     fc2_out = next(n.output[0] for n in graph.node if n.name.endswith("linear_1") or "fc2" in n.name)
     fc2 = _q_params(export.main.path, fc2_out)
-    assert fc2 and all(
-        s.item() == np.float32(0.00042) and z.dtype == np.uint16 and z.item() == 30000 for s, z in fc2
-    )
+    assert fc2 and all(s.item() == np.float32(0.00042) and z.dtype == np.uint16 and z.item() == 30000 for s, z in fc2)
     assert sorted(export.quantization["fixed_overrides"]) == sorted({relu_out, fc2_out})
     assert np.isfinite(_run(export, evaluation(bundle))).all()
 
