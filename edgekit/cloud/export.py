@@ -37,8 +37,14 @@ def _export_graph(bundle: ModelBundle, path: Path) -> None:
     name = bundle.input_names[0]
     out = bundle.output_names[0]
     torch.onnx.export(
-        module, (bundle.example_inputs[name],), str(path), dynamo=False, input_names=[name], output_names=[out],
-        dynamic_axes={name: {0: "batch"}, out: {0: "batch"}}, do_constant_folding=False,
+        module,
+        (bundle.example_inputs[name],),
+        str(path),
+        dynamo=False,
+        input_names=[name],
+        output_names=[out],
+        dynamic_axes={name: {0: "batch"}, out: {0: "batch"}},
+        do_constant_folding=False,
     )
 
 
@@ -68,13 +74,17 @@ def _expose_parameters(model: onnx.ModelProto, state: dict[str, np.ndarray]) -> 
         match = torch_name if torch_name in initializers else None
         if match is None:  # the exporter renamed it: find it by value (norm params are distinct enough)
             candidates = [
-                name for name, init in initializers.items()
-                if name not in used.values() and tuple(init.dims) == value.shape
+                name
+                for name, init in initializers.items()
+                if name not in used.values()
+                and tuple(init.dims) == value.shape
                 and np.array_equal(numpy_helper.to_array(init), value)
             ]
             if len(candidates) != 1:
-                raise EdgekitError(f"cannot find norm parameter '{torch_name}' in the exported graph "
-                                   f"({len(candidates)} candidates); was it folded away?")
+                raise EdgekitError(
+                    f"cannot find norm parameter '{torch_name}' in the exported graph "
+                    f"({len(candidates)} candidates); was it folded away?"
+                )
             match = candidates[0]
         used[torch_name] = match
     consumers = [node for node in graph.node]
@@ -118,17 +128,26 @@ def export_adaptable(bundle: ModelBundle, out_dir: str | Path, overwrite: bool =
             outputs=[TensorSpec(out, "float32", ["batch", len(bundle.labels or []) or 10])],
         )
         manifest = Manifest(
-            model={"spec": bundle.spec, "task": bundle.task, "source_hash": bundle.source_hash,
-                   "description": bundle.description, "labels": bundle.labels},
+            model={
+                "spec": bundle.spec,
+                "task": bundle.task,
+                "source_hash": bundle.source_hash,
+                "description": bundle.description,
+                "labels": bundle.labels,
+            },
             recipe={"name": "cema-adaptable", "transform": "none"},
             device="generic-cpu",
             formats={"onnx": FormatSpec(graphs={"main": graph}, files=[MODEL_FILE, PARAMS_FILE])},
-            extra={"adaptable": {
-                "method": "cema",
-                "file": PARAMS_FILE,
-                "parameters": {name: {"shape": list(params[name].shape), "dtype": "float32", "kind": kind}
-                               for name, kind in names.items()},
-            }},
+            extra={
+                "adaptable": {
+                    "method": "cema",
+                    "file": PARAMS_FILE,
+                    "parameters": {
+                        name: {"shape": list(params[name].shape), "dtype": "float32", "kind": kind}
+                        for name, kind in names.items()
+                    },
+                }
+            },
             edgekit_version=getattr(edgekit, "__version__", ""),
             created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         )

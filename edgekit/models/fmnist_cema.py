@@ -30,10 +30,19 @@ class EdgeCNN(nn.Module):
         super().__init__()
         w = width
         self.features = nn.Sequential(
-            nn.Conv2d(1, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(w, 2 * w, 3, padding=1), nn.BatchNorm2d(2 * w), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(2 * w, 4 * w, 3, padding=1), nn.BatchNorm2d(4 * w), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            nn.Conv2d(1, w, 3, padding=1),
+            nn.BatchNorm2d(w),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(w, 2 * w, 3, padding=1),
+            nn.BatchNorm2d(2 * w),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(2 * w, 4 * w, 3, padding=1),
+            nn.BatchNorm2d(4 * w),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
         )
         self.head = nn.Linear(4 * w, 10)
 
@@ -52,8 +61,16 @@ class FoundationCNN(nn.Module):
 
         w = width
         self.features = nn.Sequential(
-            *conv(1, w), nn.MaxPool2d(2), *conv(w, 2 * w), *conv(2 * w, 2 * w), nn.MaxPool2d(2),
-            *conv(2 * w, 4 * w), *conv(4 * w, 4 * w), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2),
+            *conv(1, w),
+            nn.MaxPool2d(2),
+            *conv(w, 2 * w),
+            *conv(2 * w, 2 * w),
+            nn.MaxPool2d(2),
+            *conv(2 * w, 4 * w),
+            *conv(4 * w, 4 * w),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Dropout(0.2),
         )
         self.head = nn.Linear(4 * w, 10)
 
@@ -130,7 +147,9 @@ def _bundle(spec: str, module: nn.Module, description: str) -> ModelBundle:
         task="classifier",
         output_names=["logits"],
         dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}},
-        preprocess=lambda raw: {"x": torch.as_tensor(np.asarray(raw, dtype=np.float32)).reshape(1, 1, 28, 28)},
+        preprocess=lambda raw: {
+            "x": torch.as_tensor(np.asarray(raw, dtype=np.float32)).reshape(1, 1, 28, 28)
+        },
         labels=list(LABELS),
         dataset="fashion-mnist",
         source_hash=state_hash(module),
@@ -147,4 +166,6 @@ def load_edge() -> ModelBundle:
 def load_foundation() -> ModelBundle:
     """The CEMA cloud foundation model (``fmnist-foundation``): wider VGG-ish CNN, augmented, 3 epochs."""
     module = _cached_model("fmnist-foundation", FoundationCNN, epochs=3, augmented=True)
-    return _bundle("zoo:fmnist-foundation", module, "VGG-style CNN trained with augmentation, CEMA's cloud model")
+    return _bundle(
+        "zoo:fmnist-foundation", module, "VGG-style CNN trained with augmentation, CEMA's cloud model"
+    )

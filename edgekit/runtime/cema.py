@@ -101,7 +101,8 @@ class Selector:
             self.warmup_sum += float(ent.sum())
             self.warmup_count += len(ent)
         self.mean_entropy = (
-            batch_mean if self.mean_entropy is None
+            batch_mean
+            if self.mean_entropy is None
             else c.entropy_momentum * self.mean_entropy + (1 - c.entropy_momentum) * batch_mean
         )
         e_max = self.e_max
@@ -110,13 +111,18 @@ class Selector:
         probs = softmax(np.asarray(logits, dtype=np.float64))
         redundant = np.zeros_like(keep)
         if self.mean_probs is not None and keep.any():
-            cos = probs @ self.mean_probs / (np.linalg.norm(probs, axis=1) * np.linalg.norm(self.mean_probs) + 1e-12)
+            cos = (
+                probs
+                @ self.mean_probs
+                / (np.linalg.norm(probs, axis=1) * np.linalg.norm(self.mean_probs) + 1e-12)
+            )
             redundant = keep & (np.abs(cos) >= c.cos_margin)
             keep &= ~redundant
         if keep.any():
             batch_probs = probs[keep].mean(axis=0)
             self.mean_probs = (
-                batch_probs if self.mean_probs is None
+                batch_probs
+                if self.mean_probs is None
                 else c.prob_momentum * self.mean_probs + (1 - c.prob_momentum) * batch_probs
             )
         self.seen += len(ent)
@@ -139,7 +145,9 @@ def adaptable_spec(session: Session) -> dict[str, dict]:
     """``name -> {"shape", "dtype", "kind"}`` of the bundle's adaptable parameters (manifest extra)."""
     spec = session.manifest.extra.get("adaptable", {}).get("parameters")
     if not spec:
-        raise EdgekitError(f"{session.directory} has no adaptable parameters; export it with `edgekit cloud bundle`")
+        raise EdgekitError(
+            f"{session.directory} has no adaptable parameters; export it with `edgekit cloud bundle`"
+        )
     return spec
 
 
@@ -153,7 +161,9 @@ def validate_params(spec: dict[str, dict], arrays: dict[str, np.ndarray]) -> dic
     for name, entry in spec.items():
         array = np.ascontiguousarray(arrays[name], dtype=np.float32)
         if list(array.shape) != list(entry["shape"]):
-            raise EdgekitError(f"parameter '{name}' has shape {list(array.shape)}, the bundle wants {entry['shape']}")
+            raise EdgekitError(
+                f"parameter '{name}' has shape {list(array.shape)}, the bundle wants {entry['shape']}"
+            )
         if not np.isfinite(array).all():
             raise EdgekitError(f"parameter '{name}' holds NaN or infinite values")
         array.setflags(write=False)
@@ -168,7 +178,9 @@ class AdaptableModel:
     renamed), so a restarted edge resumes with the version it had.
     """
 
-    def __init__(self, bundle: str | Path, state_dir: str | Path | None = None, threads: int | None = None) -> None:
+    def __init__(
+        self, bundle: str | Path, state_dir: str | Path | None = None, threads: int | None = None
+    ) -> None:
         from edgekit.runtime.backends import OnnxBackend
 
         self.session = Session(Path(bundle), "onnx", threads)
@@ -226,8 +238,10 @@ def atomic_write(path: Path, data: bytes) -> None:
 def encode_params(version: int, arrays: dict[str, np.ndarray]) -> bytes:
     from safetensors.numpy import save
 
-    return save({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in arrays.items()},
-                metadata={"format": "edgekit-cema-params/1", "version": str(int(version))})
+    return save(
+        {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in arrays.items()},
+        metadata={"format": "edgekit-cema-params/1", "version": str(int(version))},
+    )
 
 
 def decode_params(data: bytes) -> tuple[int, dict[str, np.ndarray]]:

@@ -48,13 +48,19 @@ class DiskQueue:
             self._db.execute("BEGIN IMMEDIATE")
             seqs = []
             for sample, ent in zip(x, np.asarray(entropy, dtype=np.float64), strict=True):
-                cursor = self._db.execute("INSERT INTO pending (x, entropy) VALUES (?, ?)", (sample.tobytes(), float(ent)))
+                cursor = self._db.execute(
+                    "INSERT INTO pending (x, entropy) VALUES (?, ?)", (sample.tobytes(), float(ent))
+                )
                 seqs.append(int(cursor.lastrowid))
             overflow = self._count() - self.max_items
             if overflow > 0:
-                self._db.execute("DELETE FROM pending WHERE seq IN (SELECT seq FROM pending ORDER BY seq LIMIT ?)",
-                                 (overflow,))
-                self._db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + ? WHERE key='dropped'", (overflow,))
+                self._db.execute(
+                    "DELETE FROM pending WHERE seq IN (SELECT seq FROM pending ORDER BY seq LIMIT ?)",
+                    (overflow,),
+                )
+                self._db.execute(
+                    "UPDATE meta SET value = CAST(value AS INTEGER) + ? WHERE key='dropped'", (overflow,)
+                )
             self._db.execute("COMMIT")
         return seqs
 
@@ -73,10 +79,15 @@ class DiskQueue:
     def peek(self, limit: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The oldest ``limit`` samples: ``(seq int64, x float16, entropy float32)``; they stay queued."""
         with self._lock:
-            rows = self._db.execute("SELECT seq, x, entropy FROM pending ORDER BY seq LIMIT ?", (limit,)).fetchall()
+            rows = self._db.execute(
+                "SELECT seq, x, entropy FROM pending ORDER BY seq LIMIT ?", (limit,)
+            ).fetchall()
         seq = np.asarray([row[0] for row in rows], dtype=np.int64)
-        x = np.stack([np.frombuffer(row[1], np.float16).reshape(self.sample_shape) for row in rows]) if rows else \
-            np.zeros((0, *self.sample_shape), np.float16)
+        x = (
+            np.stack([np.frombuffer(row[1], np.float16).reshape(self.sample_shape) for row in rows])
+            if rows
+            else np.zeros((0, *self.sample_shape), np.float16)
+        )
         ent = np.asarray([row[2] for row in rows], dtype=np.float32)
         return seq, x, ent
 

@@ -74,7 +74,8 @@ class Uplink:
         start = time.perf_counter()
         try:
             response = self.client.post(
-                f"{self.base}/v1/devices/{self.device}/samples", content=body,
+                f"{self.base}/v1/devices/{self.device}/samples",
+                content=body,
                 headers={"Content-Type": wire.CONTENT_TYPE},
             )
         except httpx.HTTPError as error:

@@ -12,9 +12,15 @@ class TinyBN(nn.Module):
     def __init__(self, width: int) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(1, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(4),
-            nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            nn.Conv2d(1, width, 3, padding=1),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+            nn.MaxPool2d(4),
+            nn.Conv2d(width, width, 3, padding=1),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
         )
         self.head = nn.Linear(width, 10)
 
@@ -31,8 +37,13 @@ def _bundle(width: int, seed: int) -> ModelBundle:
                 layer.running_mean.uniform_(-0.2, 0.2)
                 layer.running_var.uniform_(0.5, 1.5)
     return ModelBundle(
-        spec=f"tests.cloud.tinymodels:w{width}", module=module.eval(), example_inputs={"x": torch.zeros(1, 1, 28, 28)},
-        task="classifier", output_names=["logits"], labels=[str(i) for i in range(10)], source_hash=f"tiny{width}",
+        spec=f"tests.cloud.tinymodels:w{width}",
+        module=module.eval(),
+        example_inputs={"x": torch.zeros(1, 1, 28, 28)},
+        task="classifier",
+        output_names=["logits"],
+        labels=[str(i) for i in range(10)],
+        source_hash=f"tiny{width}",
     )
 
 
