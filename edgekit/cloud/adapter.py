@@ -8,9 +8,9 @@ Per device and per batch of newly uploaded samples (Chen et al., ICLR'24):
 2. the student's normalization affine parameters are distilled on the new batch and on
    ``replay_batches`` batches of ``replay_batch`` samples drawn from the device's FIFO replay buffer,
    with ``alpha * H(student) + beta * KL(teacher || student) + gamma * CE(student, teacher argmax)``,
-   each sample weighted ``1 / exp(E_teacher - E_max)``; the student runs with batch statistics and
-   its running statistics follow the target domain, so the edge (which runs in eval mode) gets
-   ``weight, bias, running_mean, running_var`` of every norm layer.
+   each sample weighted ``1 / exp(E_teacher - E_max)``. Student and edge both normalise with the
+   statistics of the batch in hand (as the reference code's Tent-style models do), so the edge
+   needs only the distilled affine ``weight`` and ``bias`` of every norm layer.
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ class CemaConfig:
         return self.e_max_factor * math.log(self.num_classes)
 
 
-def norm_parameter_names(module: nn.Module) -> dict[str, str]:
-    """``state_dict name -> kind`` for every normalization layer's affine params and BN statistics."""
+def norm_parameter_names(module: nn.Module, statistics: bool = False) -> dict[str, str]:
+    """``state_dict name -> kind`` of every normalization layer's affine params (and BN statistics)."""
     names: dict[str, str] = {}
     for prefix, layer in module.named_modules():
         if not isinstance(layer, NORM_TYPES):
@@ -57,7 +57,7 @@ def norm_parameter_names(module: nn.Module) -> dict[str, str]:
         if getattr(layer, "weight", None) is not None:
             names[base + "weight"] = "scale"
             names[base + "bias"] = "bias"
-        if isinstance(layer, nn.modules.batchnorm._BatchNorm) and layer.track_running_stats:
+        if statistics and isinstance(layer, nn.modules.batchnorm._BatchNorm) and layer.track_running_stats:
             names[base + "running_mean"] = "mean"
             names[base + "running_var"] = "var"
     return names
@@ -126,7 +126,7 @@ class DeviceAdapter:
             self.teacher_opt.zero_grad()
             loss.backward()
             self.teacher_opt.step()
-        return {"teacher_entropy": float(ent.mean()), "teacher_reliable": float(reliable.float().mean())}
+        return {"teacher_entropy": float(ent.detach().mean()), "teacher_reliable": float(reliable.float().mean())}
 
     def distil(self, x: torch.Tensor) -> float:
         c = self.config
@@ -167,8 +167,11 @@ class DeviceAdapter:
     # -- persistence: what a restarted service needs to continue this device ----------------------
     def state(self) -> dict[str, np.ndarray]:
         arrays = {f"student.{k}": v for k, v in self.student_arrays().items()}
+        student_state = self.student.state_dict()
+        for name in norm_parameter_names(self.student, statistics=True):
+            arrays[f"student.{name}"] = student_state[name].detach().cpu().numpy().astype(np.float32).copy()
         teacher_state = self.teacher.state_dict()
-        for name in norm_parameter_names(self.teacher):
+        for name in norm_parameter_names(self.teacher, statistics=True):
             arrays[f"teacher.{name}"] = teacher_state[name].detach().cpu().numpy().astype(np.float32).copy()
         return arrays
 

@@ -2,6 +2,11 @@
 are graph inputs (with the trained values as defaults), so the edge can feed a new set per inference
 without rebuilding its session, and a manifest that lists them under ``extra["adaptable"]``.
 
+The exported norm layers normalise with the statistics of the batch being classified (CEMA's and
+Tent's edge model; BN-adapt for free, forward only): mean and variance over every axis but the
+channel, then the adaptable affine ``weight`` and ``bias``. The edge should run batches (a single
+frame still works for conv layers: its statistics come from its own pixels).
+
 Graph inputs, not re-created sessions: the swap is one reference assignment on the edge (atomic
 for free), costs nothing per update, and onnxruntime cannot constant-fold a graph input into its
 neighbouring conv, so the parameters stay float and addressable by name.
@@ -9,6 +14,7 @@ neighbouring conv, so the parameters stay float and addressable by name.
 
 from __future__ import annotations
 
+import copy
 import datetime
 import shutil
 import tempfile
@@ -29,11 +35,37 @@ from edgekit.runtime.manifest import FormatSpec, GraphSpec, Manifest, TensorSpec
 MODEL_FILE = "model.onnx"
 
 
+class BatchStatNorm(torch.nn.Module):
+    """BatchNorm with the current batch's statistics, written in plain ops so it exports as such."""
+
+    def __init__(self, layer: torch.nn.modules.batchnorm._BatchNorm) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(layer.weight.detach().clone())
+        self.bias = torch.nn.Parameter(layer.bias.detach().clone())
+        self.eps = layer.eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        axes = [0] + list(range(2, x.dim()))
+        mean = x.mean(dim=axes, keepdim=True)
+        var = ((x - mean) ** 2).mean(dim=axes, keepdim=True)
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        return (x - mean) / torch.sqrt(var + self.eps) * self.weight.view(shape) + self.bias.view(shape)
+
+
+def with_batch_statistics(module: torch.nn.Module) -> torch.nn.Module:
+    """A copy whose affine BatchNorm layers use batch statistics (parameter names unchanged)."""
+    module = copy.deepcopy(module).eval()
+    for name, child in list(module.named_modules()):
+        for attr, layer in list(child.named_children()):
+            if isinstance(layer, torch.nn.modules.batchnorm._BatchNorm) and layer.affine:
+                setattr(child, attr, BatchStatNorm(layer))
+    return module
+
+
 def _export_graph(bundle: ModelBundle, path: Path) -> None:
-    """TorchScript-based export without constant folding: it keeps BatchNormalization nodes with
-    their parameters as initializers (the dynamo exporter's optimizer, and folding, fuse BN into the
-    conv), and takes a fraction of a second."""
-    module = bundle.module.eval()
+    """TorchScript-based export without constant folding, so the norm parameters stay initializers
+    we can expose (the dynamo exporter's optimizer folds them away); a fraction of a second."""
+    module = with_batch_statistics(bundle.module)
     name = bundle.input_names[0]
     out = bundle.output_names[0]
     torch.onnx.export(
@@ -141,6 +173,7 @@ def export_adaptable(bundle: ModelBundle, out_dir: str | Path, overwrite: bool =
             extra={
                 "adaptable": {
                     "method": "cema",
+                "normalization": "batch-statistics",
                     "file": PARAMS_FILE,
                     "parameters": {
                         name: {"shape": list(params[name].shape), "dtype": "float32", "kind": kind}

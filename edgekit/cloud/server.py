@@ -13,6 +13,7 @@ anything malformed, the wrong shape or non-finite -> 422; both before anything i
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import threading
@@ -127,6 +128,7 @@ def create_app(
 ) -> FastAPI:
     config = config or ServiceConfig()
 
+    @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         if worker is not None:
             worker.thread.start()
