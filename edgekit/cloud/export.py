@@ -18,6 +18,7 @@ import copy
 import datetime
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +56,7 @@ class BatchStatNorm(torch.nn.Module):
 def with_batch_statistics(module: torch.nn.Module) -> torch.nn.Module:
     """A copy whose affine BatchNorm layers use batch statistics (parameter names unchanged)."""
     module = copy.deepcopy(module).eval()
-    for name, child in list(module.named_modules()):
+    for child in list(module.modules()):
         for attr, layer in list(child.named_children()):
             if isinstance(layer, torch.nn.modules.batchnorm._BatchNorm) and layer.affine:
                 setattr(child, attr, BatchStatNorm(layer))
@@ -68,16 +69,18 @@ def _export_graph(bundle: ModelBundle, path: Path) -> None:
     module = with_batch_statistics(bundle.module)
     name = bundle.input_names[0]
     out = bundle.output_names[0]
-    torch.onnx.export(
-        module,
-        (bundle.example_inputs[name],),
-        str(path),
-        dynamo=False,
-        input_names=[name],
-        output_names=[out],
-        dynamic_axes={name: {0: "batch"}, out: {0: "batch"}},
-        do_constant_folding=False,
-    )
+    with warnings.catch_warnings():  # the TorchScript exporter warns it is legacy; it is what keeps names
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(
+            module,
+            (bundle.example_inputs[name],),
+            str(path),
+            dynamo=False,
+            input_names=[name],
+            output_names=[out],
+            dynamic_axes={name: {0: "batch"}, out: {0: "batch"}},
+            do_constant_folding=False,
+        )
 
 
 def _split_aliases(graph: onnx.GraphProto) -> None:
