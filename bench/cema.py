@@ -88,8 +88,15 @@ def run_tent(edge: torch.nn.Module, x: np.ndarray, y: np.ndarray, lr: float = 1e
     return {"accuracy": correct / len(y)}
 
 
-def run_cema(bundle: Path, teacher: torch.nn.Module, edge: torch.nn.Module, x: np.ndarray, y: np.ndarray,
-             upload_all: bool, config: CemaConfig) -> dict:
+def run_cema(
+    bundle: Path,
+    teacher: torch.nn.Module,
+    edge: torch.nn.Module,
+    x: np.ndarray,
+    y: np.ndarray,
+    upload_all: bool,
+    config: CemaConfig,
+) -> dict:
     model = AdaptableModel(bundle)  # fresh: version 0, the trained parameters
     selector = Selector(SelectorConfig(num_classes=10))
     adapter = DeviceAdapter(teacher, edge, config)
@@ -163,8 +170,12 @@ def main() -> None:
                 out["seconds"] = round(time.time() - t0, 2)
                 row[method] = out
             results[corruption] = row
-            print(f"{corruption:18s} " + " ".join(f"{m}={row[m]['accuracy']:.3f}" for m in row)
-                  + (f" up={row['cema']['upload_fraction']:.2f}" if "cema" in row else ""), flush=True)
+            print(
+                f"{corruption:18s} "
+                + " ".join(f"{m}={row[m]['accuracy']:.3f}" for m in row)
+                + (f" up={row['cema']['upload_fraction']:.2f}" if "cema" in row else ""),
+                flush=True,
+            )
     mean = {}
     for method in ["foundation-none", *methods]:
         accs = [results[c][method]["accuracy"] for c in corruptions]
@@ -173,7 +184,9 @@ def main() -> None:
             fractions = [results[c][method]["upload_fraction"] for c in corruptions]
             mean[method]["upload_fraction"] = float(np.mean(fractions))
             mean[method]["upload_bytes"] = int(sum(results[c][method]["upload_bytes"] for c in corruptions))
-            mean[method]["download_bytes"] = int(sum(results[c][method]["download_bytes"] for c in corruptions))
+            mean[method]["download_bytes"] = int(
+                sum(results[c][method]["download_bytes"] for c in corruptions)
+            )
     goals = {}
     if all(m in mean for m in ("none", "tent", "cema", "cema-all")):
         goals = {
@@ -188,8 +201,12 @@ def main() -> None:
         "batch": BATCH,
         "clean_accuracy": clean,
         "cema_config": {k: getattr(config, k) for k in config.__dataclass_fields__},
-        "selector": {"e_max0": SelectorConfig(10).e_max0, "lambda": 0.6, "e_min": SelectorConfig(10).e_min,
-                     "cos_margin": SelectorConfig(10).cos_margin},
+        "selector": {
+            "e_max0": SelectorConfig(10).e_max0,
+            "lambda": 0.6,
+            "e_min": SelectorConfig(10).e_min,
+            "cos_margin": SelectorConfig(10).cos_margin,
+        },
         "per_corruption": results,
         "mean": mean,
         "goals": goals,

@@ -126,7 +126,10 @@ class DeviceAdapter:
             self.teacher_opt.zero_grad()
             loss.backward()
             self.teacher_opt.step()
-        return {"teacher_entropy": float(ent.detach().mean()), "teacher_reliable": float(reliable.float().mean())}
+        return {
+            "teacher_entropy": float(ent.detach().mean()),
+            "teacher_reliable": float(reliable.float().mean()),
+        }
 
     def distil(self, x: torch.Tensor) -> float:
         c = self.config

@@ -176,7 +176,7 @@ def export_adaptable(bundle: ModelBundle, out_dir: str | Path, overwrite: bool =
             extra={
                 "adaptable": {
                     "method": "cema",
-                "normalization": "batch-statistics",
+                    "normalization": "batch-statistics",
                     "file": PARAMS_FILE,
                     "parameters": {
                         name: {"shape": list(params[name].shape), "dtype": "float32", "kind": kind}

@@ -24,8 +24,15 @@ def free_port() -> int:
 
 
 class LocalServer:
-    def __init__(self, teacher: str, student: str, db: str | Path, port: int | None = None,
-                 cwd: str | Path | None = None, log: str | Path | None = None) -> None:
+    def __init__(
+        self,
+        teacher: str,
+        student: str,
+        db: str | Path,
+        port: int | None = None,
+        cwd: str | Path | None = None,
+        log: str | Path | None = None,
+    ) -> None:
         self.teacher, self.student, self.db = teacher, student, str(db)
         self.port = port or free_port()
         self.cwd = str(cwd) if cwd else None
@@ -37,11 +44,29 @@ class LocalServer:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout_s: float = 120.0) -> LocalServer:
-        command = [sys.executable, "-c", "from edgekit.cli import main; main()", "cloud", "serve",
-                   "--teacher", self.teacher, "--student", self.student, "--db", self.db, "--port", str(self.port)]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [self.cwd, os.environ.get("PYTHONPATH")]))}
+        command = [
+            sys.executable,
+            "-c",
+            "from edgekit.cli import main; main()",
+            "cloud",
+            "serve",
+            "--teacher",
+            self.teacher,
+            "--student",
+            self.student,
+            "--db",
+            self.db,
+            "--port",
+            str(self.port),
+        ]
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [self.cwd, os.environ.get("PYTHONPATH")])),
+        }
         self._log = open(self.log_path, "ab")  # noqa: SIM115 (closed in stop)
-        self.process = subprocess.Popen(command, cwd=self.cwd, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(
+            command, cwd=self.cwd, env=env, stdout=self._log, stderr=subprocess.STDOUT
+        )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import zlib
 from pathlib import Path
@@ -71,7 +70,9 @@ def post(server: LocalServer, device: str, content: bytes, token: str | None) ->
     headers = {"Content-Type": wire.CONTENT_TYPE}
     if token is not None:
         headers["Authorization"] = f"Bearer {token}"
-    return httpx.post(f"{server.url}/v1/devices/{device}/samples", content=content, headers=headers, timeout=30)
+    return httpx.post(
+        f"{server.url}/v1/devices/{device}/samples", content=content, headers=headers, timeout=30
+    )
 
 
 def test_tokens_guard_every_device_endpoint(service) -> None:
@@ -154,7 +155,9 @@ def test_server_killed_mid_stream_loses_no_acknowledged_sample(tmp_path: Path, b
                 assert wait_for(lambda: uplink.stats.uploaded > 0, 30)
                 server.kill()  # SIGKILL while the edge keeps producing
             if i == 25:
-                server = LocalServer(TEACHER, STUDENT, db, port=port, cwd=REPO, log=tmp_path / "server.log").start()
+                server = LocalServer(
+                    TEACHER, STUDENT, db, port=port, cwd=REPO, log=tmp_path / "server.log"
+                ).start()
             time.sleep(0.05)
         assert wait_for(lambda: len(queue) == 0, 60)
         assert uplink.stats.failures > 0  # it did see the outage
@@ -195,12 +198,35 @@ def test_edge_started_with_server_down_queues_and_catches_up(tmp_path: Path) -> 
 def test_adapt_daemon_stops_cleanly_on_sigterm(service, bundle: Path, tmp_path: Path) -> None:
     server, store, _ = service
     token = store.issue_token("edge-3")
-    command = [sys.executable, "-c", "from edgekit.cli import main; main()", "adapt", str(bundle),
-               "--server", server.url, "--token", token, "--device", "edge-3", "--stream",
-               "fmnist-c:gaussian_noise:5:4000", "--state", str(tmp_path / "edge"), "--rate", "800",
-               "--flush-seconds", "2"]
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "300"})
+    command = [
+        sys.executable,
+        "-c",
+        "from edgekit.cli import main; main()",
+        "adapt",
+        str(bundle),
+        "--server",
+        server.url,
+        "--token",
+        token,
+        "--device",
+        "edge-3",
+        "--stream",
+        "fmnist-c:gaussian_noise:5:4000",
+        "--state",
+        str(tmp_path / "edge"),
+        "--rate",
+        "800",
+        "--flush-seconds",
+        "2",
+    ]
+    process = subprocess.Popen(
+        command,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "300"},
+    )
     try:
         queue_file = tmp_path / "edge" / "queue.sqlite"
         assert wait_for(lambda: queue_file.exists(), 60)
