@@ -147,7 +147,7 @@ class DeviceAdapter:
         self.student_opt.zero_grad()
         loss.backward()
         self.student_opt.step()
-        return float(loss)
+        return float(loss.detach())
 
     def step(self, x_new: np.ndarray, replay: Callable[[int], np.ndarray]) -> dict[str, float]:
         """One CEMA update from a batch of new samples; ``replay(n)`` draws up to n buffered samples."""
