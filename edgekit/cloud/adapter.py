@@ -36,7 +36,7 @@ class CemaConfig:
     gamma: float = 1.0
     e_max_factor: float = 0.4
     teacher_lr: float = 1e-3
-    student_lr: float = 1e-3
+    student_lr: float = 3e-3
     replay_size: int = 10_000
     replay_batches: int = 3
     replay_batch: int = 32

@@ -85,7 +85,7 @@ def _disk_kernel(radius: float) -> np.ndarray:
 def defocus_blur(x: np.ndarray, s: int, rng: np.random.Generator) -> np.ndarray:
     from scipy.ndimage import convolve
 
-    radius = [0.8, 1.0, 1.5, 2.0, 2.5][s - 1]
+    radius = [1.0, 1.3, 1.7, 2.1, 2.5][s - 1]
     kernel = _disk_kernel(radius)[None]
     return convolve(x, kernel, mode="reflect")
 
