@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 from edgekit.cloud.store import Store
 from edgekit.errors import EdgekitError
@@ -179,12 +180,16 @@ def create_app(
             buffer.write(chunk)
             if buffer.tell() > config.max_body:
                 return JSONResponse({"error": f"body over {config.max_body} bytes"}, status_code=413)
-        try:
+
+        def decode_and_store() -> tuple[int, int]:  # off the event loop: inflating and fsync block
             client, seq, x, ent = wire.decode_samples(buffer.getvalue(), input_shape, config.max_raw)
+            return store.add_samples(device, client, seq, x, ent), len(seq)  # committed before the 200
+
+        try:
+            stored, count = await run_in_threadpool(decode_and_store)
         except EdgekitError as error:
             return JSONResponse({"error": str(error)}, status_code=422)
-        stored = store.add_samples(device, client, seq, x, ent)  # committed before we acknowledge
-        return JSONResponse({"stored": stored, "duplicates": len(seq) - stored})
+        return JSONResponse({"stored": stored, "duplicates": count - stored})
 
     @app.get("/v1/devices/{device}/params")
     def params(device: str, request: Request, since: int = 0) -> Response:
