@@ -18,7 +18,7 @@ def test_real_test_set_shape() -> None:
     images, labels = fmnist_c.raw_split("test")
     assert images.shape == (10000, 1, 28, 28) and images.dtype == np.float32
     assert labels.shape == (10000,) and set(np.unique(labels)) == set(range(10))
-    assert 0.0 <= images.min() and images.max() <= 1.0
+    assert images.min() >= 0.0 and images.max() <= 1.0
 
 
 @pytest.mark.parametrize("corruption", list(fmnist_c.CORRUPTIONS))
@@ -26,7 +26,7 @@ def test_each_corruption_is_deterministic_and_grows_with_severity(clean: np.ndar
     mild = fmnist_c.corrupt(clean, corruption, 1)
     severe = fmnist_c.corrupt(clean, corruption, 5)
     assert severe.shape == clean.shape and severe.dtype == np.float32
-    assert 0.0 <= severe.min() and severe.max() <= 1.0
+    assert severe.min() >= 0.0 and severe.max() <= 1.0
     np.testing.assert_array_equal(severe, fmnist_c.corrupt(clean, corruption, 5))  # fixed seed
     distance_mild = np.abs(mild - clean).mean()
     distance_severe = np.abs(severe - clean).mean()
