@@ -10,7 +10,10 @@ batches of 64) and starts from the same trained edge model (``fmnist-edge``), re
 * ``cema``: the real edge runtime (the exported adaptable ONNX bundle in onnxruntime, the CEMA
   selector) with the cloud half (``fmnist-foundation`` adapted, student distilled, FIFO replay);
   every upload and parameter set goes through the real wire format, whose bytes are counted;
-* ``cema-all``: the same, uploading every sample.
+* ``cema-all``: the same, uploading every sample;
+* ``cema-random`` (a diagnostic control, not a method): the same cloud, but the edge uploads a
+  random subset at CEMA's measured upload rate for that corruption — it separates "how many
+  samples" from "which samples" the entropy window picks.
 
 The cloud is in-process and answers before the next batch (no network delay): this measures the
 method; the service's own behaviour is measured by bench/cema_reliability.py.
@@ -56,7 +59,7 @@ from edgekit.runtime.cema import (  # noqa: E402
 )
 
 BATCH = 64
-METHODS = ("none", "bn-adapt", "tent", "cema", "cema-all")
+METHODS = ("none", "bn-adapt", "tent", "cema", "cema-all", "cema-random")
 
 
 def batches(x: np.ndarray, y: np.ndarray):
@@ -96,16 +99,21 @@ def run_cema(
     y: np.ndarray,
     upload_all: bool,
     config: CemaConfig,
+    random_rate: float | None = None,
 ) -> dict:
     model = AdaptableModel(bundle)  # fresh: version 0, the trained parameters
     selector = Selector(SelectorConfig(num_classes=10))
     adapter = DeviceAdapter(teacher, edge, config)
     replay = ReplayBuffer(config.replay_size)
+    rng = np.random.default_rng(0)
     correct = uploaded = up_bytes = down_bytes = seq0 = 0
     for xb, yb in batches(x, y):
         logits = model.predict(xb)
         correct += int((logits.argmax(1) == yb).sum())
-        keep = np.ones(len(xb), bool) if upload_all else selector.select(logits)
+        if random_rate is not None:
+            keep = rng.random(len(xb)) < random_rate
+        else:
+            keep = np.ones(len(xb), bool) if upload_all else selector.select(logits)
         if keep.any():
             seq = np.arange(seq0, seq0 + int(keep.sum()))
             seq0 += len(seq)
@@ -165,6 +173,9 @@ def main() -> None:
                     out = run_bn_adapt(edge, x, y)
                 elif method == "tent":
                     out = run_tent(edge, x, y)
+                elif method == "cema-random":
+                    rate = row["cema"]["upload_fraction"] if "cema" in row else 0.2
+                    out = run_cema(bundle, teacher, edge, x, y, False, config, random_rate=rate)
                 else:
                     out = run_cema(bundle, teacher, edge, x, y, method == "cema-all", config)
                 out["seconds"] = round(time.time() - t0, 2)
