@@ -232,6 +232,28 @@ def main() -> None:
         mb = f"{values['upload_bytes'] / 1e6:.2f}" if "upload_bytes" in values else "-"
         print(f"{method:16s} {values['accuracy']:9.4f} {frac:>9s} {mb:>8s}")
     print("goals:", json.dumps(goals))
+    plot(results, corruptions, ["none", *methods[1:]] if methods[0] == "none" else methods, Path(args.out))
+
+
+def plot(results: dict, corruptions: list[str], methods: list[str], out: Path) -> None:
+    """Grouped bars of accuracy per corruption and method, next to the JSON (PNG, not in git)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(13, 4.5))
+    width = 0.8 / len(methods)
+    for i, method in enumerate(methods):
+        values = [results[c][method]["accuracy"] for c in corruptions]
+        ax.bar(np.arange(len(corruptions)) + i * width, values, width, label=method)
+    ax.set_xticks(np.arange(len(corruptions)) + 0.4 - width / 2, corruptions, rotation=30, ha="right")
+    ax.set_ylabel("stream accuracy")
+    ax.set_title("Fashion-MNIST-C, severity 5: edge adaptation methods")
+    ax.legend(ncol=len(methods), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
