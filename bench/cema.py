@@ -195,9 +195,7 @@ def main() -> None:
             fractions = [results[c][method]["upload_fraction"] for c in corruptions]
             mean[method]["upload_fraction"] = float(np.mean(fractions))
             mean[method]["upload_bytes"] = int(sum(results[c][method]["upload_bytes"] for c in corruptions))
-            mean[method]["download_bytes"] = int(
-                sum(results[c][method]["download_bytes"] for c in corruptions)
-            )
+            mean[method]["download_bytes"] = int(sum(results[c][method]["download_bytes"] for c in corruptions))
     goals = {}
     if all(m in mean for m in ("none", "tent", "cema", "cema-all")):
         goals = {

@@ -61,8 +61,17 @@ def restart_scenario(root: Path, bundle: Path) -> dict:
     result: dict = {}
 
     def edge() -> None:
-        report = run_adaptation(bundle, server.url, token, "edge-r", "fmnist-c:defocus_blur:5:4000",
-                                root / "edge-r", rate=400, log=lambda line: None, flush_s=60)
+        report = run_adaptation(
+            bundle,
+            server.url,
+            token,
+            "edge-r",
+            "fmnist-c:defocus_blur:5:4000",
+            root / "edge-r",
+            rate=400,
+            log=lambda line: None,
+            flush_s=60,
+        )
         result.update(report.to_dict())
 
     thread = threading.Thread(target=edge)
@@ -80,11 +89,19 @@ def restart_scenario(root: Path, bundle: Path) -> dict:
     server.stop()
     store.close()
     return {
-        "selected": result["selected"], "uploaded": result["uploaded"], "stored": stored,
-        "queued_at_exit": result["queued_at_exit"], "lost": result["selected"] - stored,
-        "downtime_s": round(downtime, 2), "version_before_kill": version_before, "final_version": versions,
-        "edge_version": result["version"], "stream_accuracy": result["accuracy"],
-        "ok": stored == result["selected"] and result["queued_at_exit"] == 0 and versions > version_before
+        "selected": result["selected"],
+        "uploaded": result["uploaded"],
+        "stored": stored,
+        "queued_at_exit": result["queued_at_exit"],
+        "lost": result["selected"] - stored,
+        "downtime_s": round(downtime, 2),
+        "version_before_kill": version_before,
+        "final_version": versions,
+        "edge_version": result["version"],
+        "stream_accuracy": result["accuracy"],
+        "ok": stored == result["selected"]
+        and result["queued_at_exit"] == 0
+        and versions > version_before
         and result["version"] > version_before,
     }
 
@@ -111,8 +128,13 @@ def late_server_scenario(root: Path) -> dict:
     uplink.stop(flush_s=0)
     queue.close()
     store.close()
-    return {"queued_while_down": queued, "failures_while_down": uplink.stats.failures, "stored": stored,
-            "catch_up_s_including_server_start": round(catch_up_s, 2), "ok": caught_up and stored == 200}
+    return {
+        "queued_while_down": queued,
+        "failures_while_down": uplink.stats.failures,
+        "stored": stored,
+        "catch_up_s_including_server_start": round(catch_up_s, 2),
+        "ok": caught_up and stored == 200,
+    }
 
 
 def guard_scenarios(root: Path) -> dict:
@@ -127,6 +149,7 @@ def guard_scenarios(root: Path) -> dict:
     nan = rng.random((4, *SHAPE), dtype=np.float32)
     nan[0, 0, 0, 0] = np.nan
     with LocalServer(TEACHER, STUDENT, db, cwd=ROOT) as server:
+
         def post(content: bytes, token: str | None, device: str = "dev-a") -> int:
             headers = {"Content-Type": wire.CONTENT_TYPE}
             if token:
@@ -139,8 +162,9 @@ def guard_scenarios(root: Path) -> dict:
             "missing_token": post(good, None),
             "wrong_token": post(good, "nope"),
             "other_devices_token": post(good, tokens["dev-b"]),
-            "other_devices_token_read": httpx.get(f"{server.url}/v1/devices/dev-a/params",
-                                                  headers={"Authorization": f"Bearer {tokens['dev-b']}"}).status_code,
+            "other_devices_token_read": httpx.get(
+                f"{server.url}/v1/devices/dev-a/params", headers={"Authorization": f"Bearer {tokens['dev-b']}"}
+            ).status_code,
         }
         bad = {
             "nan": post(body(nan), tokens["dev-a"]),
@@ -153,11 +177,20 @@ def guard_scenarios(root: Path) -> dict:
         still_serving = post(good, tokens["dev-a"]) == 200
     store.close()
     return {
-        "auth": {**auth, "stored": stored_after_bad,
-                 "ok": auth["missing_token"] == 401 and auth["wrong_token"] == 401
-                 and auth["other_devices_token"] == 403 and auth["other_devices_token_read"] == 403},
-        "bad_uploads": {**bad, "stored": stored_after_bad, "still_serving": still_serving,
-                        "ok": all(400 <= v < 500 for v in bad.values()) and stored_after_bad == 0 and still_serving},
+        "auth": {
+            **auth,
+            "stored": stored_after_bad,
+            "ok": auth["missing_token"] == 401
+            and auth["wrong_token"] == 401
+            and auth["other_devices_token"] == 403
+            and auth["other_devices_token_read"] == 403,
+        },
+        "bad_uploads": {
+            **bad,
+            "stored": stored_after_bad,
+            "still_serving": still_serving,
+            "ok": all(400 <= v < 500 for v in bad.values()) and stored_after_bad == 0 and still_serving,
+        },
     }
 
 
@@ -199,8 +232,12 @@ def load_scenario(root: Path, clients: int, batches: int, per_batch: int = 16) -
     store.close()
     requests = clients * batches
     return {
-        "clients": clients, "requests": requests, "samples_per_request": per_batch,
-        "errors": len(errors) + failures, "stored": stored, "wall_s": round(wall, 2),
+        "clients": clients,
+        "requests": requests,
+        "samples_per_request": per_batch,
+        "errors": len(errors) + failures,
+        "stored": stored,
+        "wall_s": round(wall, 2),
         "requests_per_s": round(requests / wall, 1),
         "p50_ms": round(float(np.percentile(latencies, 50)), 1),
         "p99_ms": round(float(np.percentile(latencies, 99)), 1),
@@ -219,10 +256,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         bundle = export_adaptable(load_edge(), root / "bundle")
-        for name, run in (("restart", lambda: restart_scenario(root, bundle)),
-                          ("late_server", lambda: late_server_scenario(root)),
-                          ("guards", lambda: guard_scenarios(root)),
-                          ("load", lambda: load_scenario(root, args.clients, args.batches))):
+        for name, run in (
+            ("restart", lambda: restart_scenario(root, bundle)),
+            ("late_server", lambda: late_server_scenario(root)),
+            ("guards", lambda: guard_scenarios(root)),
+            ("load", lambda: load_scenario(root, args.clients, args.batches)),
+        ):
             started = time.time()
             out = run()
             if name == "guards":
