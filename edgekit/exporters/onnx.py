@@ -599,7 +599,7 @@ def quantize_qdq(
 
     if _name_nodes(model):
         onnx.save_model(model, str(pre))  # the quantizer selects nodes by name
-    present = {node.op_type for node in model.graph.node} - _NOT_QUANTIZED
+    present = {node.op_type for node in model.graph.node} - _NOT_QUANTIZED - set(spec.float_ops)
     op_types = sorted(present if op_types is None else present & set(op_types))
     excluded = sorted(shape_only_nodes(model))
     # ORT folds a Relu/Clip into the range of the tensor before it (better for accuracy), which
@@ -666,6 +666,7 @@ def quantize_qdq(
         "calibration": spec.calibration,
         "samples": len(feeds),
         "sixteen_bit_ops": sorted(spec.sixteen_bit_ops),
+        "float_ops": sorted(spec.float_ops),
         "fixed_overrides": sorted(fixed),
         "quantized_op_types": op_types,
         "shape_only_nodes": len(excluded),

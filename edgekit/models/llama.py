@@ -88,7 +88,9 @@ class CausalLMWithCache(nn.Module):
         return len(self.layers)
 
     # -- building blocks -------------------------------------------------------------------
-    def _rope(self, start: int | torch.SymInt, length: int | torch.SymInt) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rope(
+        self, start: int | torch.SymInt, length: int | torch.SymInt
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin [1, 1, length, head_dim] for positions start .. start+length-1 (no gather)."""
         positions = torch.arange(length, dtype=torch.float32, device=self.inv_freq.device) + start
         freqs = positions[:, None] * self.inv_freq[None, :]

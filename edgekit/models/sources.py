@@ -34,9 +34,7 @@ def load(spec: str) -> ModelBundle:
         return load_factory(spec)
     if path.exists():
         raise EdgekitError(f"{spec} is neither a Hugging Face model directory nor a .pt2 program")
-    raise EdgekitError(
-        f"cannot resolve model '{spec}': not a path, not zoo:NAME, not pkg.module:factory"
-    )
+    raise EdgekitError(f"cannot resolve model '{spec}': not a path, not zoo:NAME, not pkg.module:factory")
 
 
 def _named_inputs(forward: Any, example: Any) -> dict[str, torch.Tensor]:
@@ -77,9 +75,7 @@ def load_factory(spec: str) -> ModelBundle:
     else:
         raise EdgekitError(f"factory {spec} returned {type(made).__name__}, not a torch.nn.Module")
     if example is None:
-        raise EdgekitError(
-            f"factory {spec}: return (module, example_inputs) or set module.example_inputs"
-        )
+        raise EdgekitError(f"factory {spec}: return (module, example_inputs) or set module.example_inputs")
     module.eval()
     return ModelBundle(
         spec=spec,
@@ -96,7 +92,9 @@ def load_exported_program(path: Path) -> ModelBundle:
     try:
         program = torch.export.load(str(path))
     except Exception as error:
-        raise EdgekitError(f"{path} is not a readable torch.export program ({type(error).__name__})") from None
+        raise EdgekitError(
+            f"{path} is not a readable torch.export program ({type(error).__name__})"
+        ) from None
     if program.example_inputs is None:
         raise EdgekitError(f"{path} was saved without example inputs; re-export with torch.export.export")
     args, kwargs = program.example_inputs

@@ -68,9 +68,7 @@ class Recipe:
 def _builtin_files() -> dict[str, Path]:
     folder = resources.files("edgekit.recipes")
     return {
-        Path(str(entry)).stem: Path(str(entry))
-        for entry in folder.iterdir()
-        if str(entry).endswith(".toml")
+        Path(str(entry)).stem: Path(str(entry)) for entry in folder.iterdir() if str(entry).endswith(".toml")
     }
 
 

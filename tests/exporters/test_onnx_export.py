@@ -109,6 +109,23 @@ def test_sixteen_bit_ops_mix_precisions(tmp_path, bundles):
     assert sqnr_db(torch_output(bundle, feed), _run(export, feed)) > SQNR_FLOOR_8BIT["block"]
 
 
+def test_float_ops_stay_float_and_are_reported(tmp_path, bundles, exported):
+    """Norms and adds (residuals, biases) kept float: the float chain carries no Q/DQ inside.
+
+    A lone float op between quantized neighbours would still read DQ and feed Q, which an NPU
+    runs in integer; a chain of float ops is a real float island, and the table says so.
+    """
+    bundle = bundles["block"].replace(quant=QuantSpec(float_ops=frozenset({"LayerNormalization", "Add"})))
+    export = export_onnx(bundle, tmp_path, calibration(bundle))
+    stats = onnx_op_stats(export.main.path, {"tokens": (2, 6, 32)})
+    assert {row.op_type for row in stats if not row.integer} == {"LayerNormalization", "Add"}
+    assert all(row.integer for row in stats if row.op_type == "MatMul")
+    feed = evaluation(bundle)
+    reference = torch_output(bundle, feed)
+    _, full = exported("block", "q8")
+    assert sqnr_db(reference, _run(export, feed)) > sqnr_db(reference, _run(full, feed))
+
+
 def _q_params(path, tensor: str) -> list[tuple[np.ndarray, np.ndarray]]:
     """(scale, zero point) of every Q reading ``tensor`` and every DQ of those Qs' outputs."""
     model = onnx.load(str(path), load_external_data=False)
