@@ -658,6 +658,7 @@ def quantize_qdq(
             extra_options=extra_options,
             calibration_cache_path=str(cache),
         )
+    _restore_metadata(out_path, exported)
     summary = {
         "weight_bits": spec.weight_bits,
         "weight_per_channel": spec.weight_per_channel,
@@ -672,6 +673,16 @@ def quantize_qdq(
         "shape_only_nodes": len(excluded),
     }
     return summary, notes
+
+
+def _restore_metadata(path: Path, exported: onnx.ModelProto) -> None:
+    """Put the exporter's per-node metadata (module scopes) back: pre-processing drops it."""
+    meta = {node.name: list(node.metadata_props) for node in exported.graph.node if node.metadata_props}
+    model = onnx.load(str(path), load_external_data=False)
+    for node in model.graph.node:
+        if node.name in meta and not node.metadata_props:
+            node.metadata_props.extend(meta[node.name])
+    onnx.save_model(model, str(path))
 
 
 def _name_nodes(model: onnx.ModelProto) -> bool:
