@@ -5,12 +5,14 @@ Why it is built this way:
 - Graphs come from ``torch.onnx.export(dynamo=True)`` at opset 21, the first opset whose standard
   ``QuantizeLinear``/``DequantizeLinear`` carry uint16/int16 and int4, so 16-bit activations and 4-bit
   weights need no ``com.microsoft`` contrib ops, and an opset the QNN execution provider accepts.
-  Later opsets add fused ``Attention``/``RMSNormalization`` nodes the ORT quantizer cannot annotate.
+  Later opsets bring fused ``Attention``/``RMSNormalization`` nodes the ORT quantizer does not know.
 - QDQ follows :class:`~edgekit.quantize.spec.QuantSpec`: ``quant_pre_process`` (shape inference and
   graph optimisation), then one calibration pass whose ranges edgekit inspects and fixes before
   ``quantize_static`` writes them (via ORT's calibration cache, so nothing is calibrated twice).
-  Every op type in the graph is quantized (full-integer, what an NPU needs); fixed ranges a
-  transform learned go in as ``TensorQuantOverrides`` and are written exactly as given.
+  Every op type in the graph is quantized (full-integer, what an NPU needs) except
+  ``spec.float_ops`` and the subgraphs computed from input shapes alone (positions, RoPE tables,
+  masks: constants once shapes are fixed); fixed ranges a transform learned go in as
+  ``TensorQuantOverrides`` (by tensor name or module path) and are written exactly as given.
 - Causal LMs with a KV cache become two graphs, ``prefill.onnx`` and ``decode.onnx``, whose weights
   live once in ``weights.bin``: initializers with identical bytes are stored at one offset that
   both graphs reference.
