@@ -308,9 +308,19 @@ def adapt(
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    report = run_adaptation(bundle, server, token, device, stream, state, batch=batch, stop=stop,
-                            log=lambda line: console.print(line, markup=False, highlight=False), rate=rate,
-                            flush_s=flush_s)
+    report = run_adaptation(
+        bundle,
+        server,
+        token,
+        device,
+        stream,
+        state,
+        batch=batch,
+        stop=stop,
+        log=lambda line: console.print(line, markup=False, highlight=False),
+        rate=rate,
+        flush_s=flush_s,
+    )
     summary = report.to_dict()
     summary.pop("accuracy_log")
     console.print(json.dumps(summary), markup=False, highlight=False)

@@ -181,9 +181,7 @@ class DeviceAdapter:
     def load_state(self, arrays: dict[str, np.ndarray]) -> None:
         for prefix, module in (("student.", self.student), ("teacher.", self.teacher)):
             update = {
-                k[len(prefix) :]: torch.from_numpy(np.array(v))
-                for k, v in arrays.items()
-                if k.startswith(prefix)
+                k[len(prefix) :]: torch.from_numpy(np.array(v)) for k, v in arrays.items() if k.startswith(prefix)
             }
             state = module.state_dict()
             for name, value in update.items():
@@ -194,6 +192,4 @@ def predict_eval(module: nn.Module, x: np.ndarray, batch: int = 512) -> np.ndarr
     """Eval-mode logits (for accuracy checks), in chunks."""
     module = module.eval()
     with torch.no_grad():
-        return np.concatenate(
-            [module(torch.from_numpy(x[i : i + batch])).numpy() for i in range(0, len(x), batch)]
-        )
+        return np.concatenate([module(torch.from_numpy(x[i : i + batch])).numpy() for i in range(0, len(x), batch)])

@@ -68,9 +68,7 @@ class Worker:
     def _decode(self, blobs: list[bytes]) -> np.ndarray:
         if not blobs:
             return np.zeros((0, *self.input_shape), np.float32)
-        return np.stack([np.frombuffer(b, np.float16).reshape(self.input_shape) for b in blobs]).astype(
-            np.float32
-        )
+        return np.stack([np.frombuffer(b, np.float16).reshape(self.input_shape) for b in blobs]).astype(np.float32)
 
     def adapter(self, device: str):
         from edgekit.cloud.adapter import CemaConfig, DeviceAdapter

@@ -56,9 +56,7 @@ class Store:
     def issue_token(self, device: str) -> str:
         token = secrets.token_urlsafe(32)
         with self._lock:
-            self._db.execute(
-                "INSERT INTO tokens VALUES (?, ?, ?, 0)", (token_hash(token), device, time.time())
-            )
+            self._db.execute("INSERT INTO tokens VALUES (?, ?, ?, 0)", (token_hash(token), device, time.time()))
         return token
 
     def revoke(self, device: str) -> int:
@@ -76,9 +74,7 @@ class Store:
         return row[0] if row else None
 
     # -- samples ----------------------------------------------------------------------------------
-    def add_samples(
-        self, device: str, client: str, seq: np.ndarray, x: np.ndarray, entropy: np.ndarray
-    ) -> int:
+    def add_samples(self, device: str, client: str, seq: np.ndarray, x: np.ndarray, entropy: np.ndarray) -> int:
         """Store a validated batch in one transaction; returns how many were new (others: retries)."""
         now = time.time()
         rows = [
@@ -97,9 +93,7 @@ class Store:
 
     def pending_devices(self) -> list[str]:
         with self._lock:
-            return [
-                row[0] for row in self._db.execute("SELECT DISTINCT device FROM samples WHERE processed = 0")
-            ]
+            return [row[0] for row in self._db.execute("SELECT DISTINCT device FROM samples WHERE processed = 0")]
 
     def pending(self, device: str, limit: int) -> tuple[list[int], list[bytes]]:
         with self._lock:
@@ -142,9 +136,7 @@ class Store:
                 "(SELECT id FROM samples WHERE device = ? AND processed = 1 ORDER BY id DESC LIMIT ?)",
                 (device, device, replay_size),
             )
-            self._db.execute(
-                "INSERT INTO versions VALUES (?, ?, ?, ?)", (device, version, params, time.time())
-            )
+            self._db.execute("INSERT INTO versions VALUES (?, ?, ?, ?)", (device, version, params, time.time()))
             self._db.execute(
                 "DELETE FROM versions WHERE device = ? AND version <= ?", (device, version - keep_versions)
             )

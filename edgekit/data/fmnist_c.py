@@ -153,9 +153,7 @@ def fog(x: np.ndarray, s: int, rng: np.random.Generator) -> np.ndarray:
 
     strength, smooth = [(0.3, 3), (0.45, 3), (0.6, 2.5), (0.75, 2.5), (0.9, 2)][s - 1]
     field = gaussian_filter(rng.random(x.shape), sigma=(0, smooth, smooth))
-    field = (field - field.min(axis=(1, 2), keepdims=True)) / (
-        np.ptp(field, axis=(1, 2), keepdims=True) + 1e-6
-    )
+    field = (field - field.min(axis=(1, 2), keepdims=True)) / (np.ptp(field, axis=(1, 2), keepdims=True) + 1e-6)
     peak = x.max(axis=(1, 2), keepdims=True)
     return (x + strength * field) * peak / (peak + strength)
 
@@ -194,9 +192,7 @@ def load(corruption: str, severity: int, count: int | None = None) -> tuple[np.n
     def build(directory: Path) -> None:
         images, labels = raw_split("test")
         corrupted = corrupt(images, corruption, severity)
-        np.savez(
-            directory / "data.npz", images=np.uint8(np.round(corrupted * 255)), labels=labels.astype(np.uint8)
-        )
+        np.savez(directory / "data.npz", images=np.uint8(np.round(corrupted * 255)), labels=labels.astype(np.uint8))
 
     entry = cached_entry(f"fmnist-c/{corruption}-{severity}-{SEED}", build)
     with np.load(entry / "data.npz") as data:
@@ -207,9 +203,7 @@ def load(corruption: str, severity: int, count: int | None = None) -> tuple[np.n
     return images, labels
 
 
-def items(
-    split: str, count: int | None = None, corruption: str = "gaussian_noise", severity: int = 5
-) -> list:
+def items(split: str, count: int | None = None, corruption: str = "gaussian_noise", severity: int = 5) -> list:
     """Registry reader: ``fmnist-c`` eval items (raw = float [1,28,28] image, target = label)."""
     from edgekit.data import Item
 

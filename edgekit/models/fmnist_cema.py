@@ -147,9 +147,7 @@ def _bundle(spec: str, module: nn.Module, description: str) -> ModelBundle:
         task="classifier",
         output_names=["logits"],
         dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}},
-        preprocess=lambda raw: {
-            "x": torch.as_tensor(np.asarray(raw, dtype=np.float32)).reshape(1, 1, 28, 28)
-        },
+        preprocess=lambda raw: {"x": torch.as_tensor(np.asarray(raw, dtype=np.float32)).reshape(1, 1, 28, 28)},
         labels=list(LABELS),
         dataset="fashion-mnist",
         source_hash=state_hash(module),
@@ -166,6 +164,4 @@ def load_edge() -> ModelBundle:
 def load_foundation() -> ModelBundle:
     """The CEMA cloud foundation model (``fmnist-foundation``): wider VGG-ish CNN, augmented, 3 epochs."""
     module = _cached_model("fmnist-foundation", FoundationCNN, epochs=3, augmented=True)
-    return _bundle(
-        "zoo:fmnist-foundation", module, "VGG-style CNN trained with augmentation, CEMA's cloud model"
-    )
+    return _bundle("zoo:fmnist-foundation", module, "VGG-style CNN trained with augmentation, CEMA's cloud model")

@@ -47,9 +47,7 @@ def _image(path: Path, shape: tuple[int, ...]) -> np.ndarray:
     return array.reshape(shape)
 
 
-def open_stream(
-    spec: str, sample_shape: tuple[int, ...], labels: list[str] | None, batch: int
-) -> Iterator[Batch]:
+def open_stream(spec: str, sample_shape: tuple[int, ...], labels: list[str] | None, batch: int) -> Iterator[Batch]:
     """Batches ``(x float32 [B, ...], labels int64 [B] or None)`` from a stream spec."""
     if spec == "-":
         return _stdin_frames(sample_shape, batch)

@@ -111,11 +111,7 @@ class Selector:
         probs = softmax(np.asarray(logits, dtype=np.float64))
         redundant = np.zeros_like(keep)
         if self.mean_probs is not None and keep.any():
-            cos = (
-                probs
-                @ self.mean_probs
-                / (np.linalg.norm(probs, axis=1) * np.linalg.norm(self.mean_probs) + 1e-12)
-            )
+            cos = probs @ self.mean_probs / (np.linalg.norm(probs, axis=1) * np.linalg.norm(self.mean_probs) + 1e-12)
             redundant = keep & (np.abs(cos) >= c.cos_margin)
             keep &= ~redundant
         if keep.any():
@@ -145,9 +141,7 @@ def adaptable_spec(session: Session) -> dict[str, dict]:
     """``name -> {"shape", "dtype", "kind"}`` of the bundle's adaptable parameters (manifest extra)."""
     spec = session.manifest.extra.get("adaptable", {}).get("parameters")
     if not spec:
-        raise EdgekitError(
-            f"{session.directory} has no adaptable parameters; export it with `edgekit cloud bundle`"
-        )
+        raise EdgekitError(f"{session.directory} has no adaptable parameters; export it with `edgekit cloud bundle`")
     return spec
 
 
@@ -161,9 +155,7 @@ def validate_params(spec: dict[str, dict], arrays: dict[str, np.ndarray]) -> dic
     for name, entry in spec.items():
         array = np.ascontiguousarray(arrays[name], dtype=np.float32)
         if list(array.shape) != list(entry["shape"]):
-            raise EdgekitError(
-                f"parameter '{name}' has shape {list(array.shape)}, the bundle wants {entry['shape']}"
-            )
+            raise EdgekitError(f"parameter '{name}' has shape {list(array.shape)}, the bundle wants {entry['shape']}")
         if not np.isfinite(array).all():
             raise EdgekitError(f"parameter '{name}' holds NaN or infinite values")
         array.setflags(write=False)
@@ -178,9 +170,7 @@ class AdaptableModel:
     renamed), so a restarted edge resumes with the version it had.
     """
 
-    def __init__(
-        self, bundle: str | Path, state_dir: str | Path | None = None, threads: int | None = None
-    ) -> None:
+    def __init__(self, bundle: str | Path, state_dir: str | Path | None = None, threads: int | None = None) -> None:
         from edgekit.runtime.backends import OnnxBackend
 
         self.session = Session(Path(bundle), "onnx", threads)

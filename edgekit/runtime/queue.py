@@ -58,9 +58,7 @@ class DiskQueue:
                     "DELETE FROM pending WHERE seq IN (SELECT seq FROM pending ORDER BY seq LIMIT ?)",
                     (overflow,),
                 )
-                self._db.execute(
-                    "UPDATE meta SET value = CAST(value AS INTEGER) + ? WHERE key='dropped'", (overflow,)
-                )
+                self._db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + ? WHERE key='dropped'", (overflow,))
             self._db.execute("COMMIT")
         return seqs
 
@@ -79,9 +77,7 @@ class DiskQueue:
     def peek(self, limit: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The oldest ``limit`` samples: ``(seq int64, x float16, entropy float32)``; they stay queued."""
         with self._lock:
-            rows = self._db.execute(
-                "SELECT seq, x, entropy FROM pending ORDER BY seq LIMIT ?", (limit,)
-            ).fetchall()
+            rows = self._db.execute("SELECT seq, x, entropy FROM pending ORDER BY seq LIMIT ?", (limit,)).fetchall()
         seq = np.asarray([row[0] for row in rows], dtype=np.int64)
         x = (
             np.stack([np.frombuffer(row[1], np.float16).reshape(self.sample_shape) for row in rows])

@@ -71,9 +71,7 @@ def decode_samples(
     x, seq, ent = arrays["x"], arrays["seq"], arrays["entropy"]
     n = x.shape[0] if x.ndim else 0
     if x.dtype != np.float16 or tuple(x.shape[1:]) != tuple(input_shape):
-        raise EdgekitError(
-            f"x must be float16 [N, {', '.join(map(str, input_shape))}], got {x.dtype} {list(x.shape)}"
-        )
+        raise EdgekitError(f"x must be float16 [N, {', '.join(map(str, input_shape))}], got {x.dtype} {list(x.shape)}")
     if not 1 <= n <= MAX_SAMPLES:
         raise EdgekitError(f"an upload holds 1..{MAX_SAMPLES} samples, got {n}")
     if seq.dtype != np.int64 or seq.shape != (n,) or ent.shape != (n,) or ent.dtype != np.float32:

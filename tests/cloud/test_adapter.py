@@ -18,8 +18,12 @@ torch.set_num_threads(1)  # tiny convs: one thread beats two contended ones
 
 def test_norm_parameter_names() -> None:
     names = norm_parameter_names(student().module)
-    assert names == {"features.1.weight": "scale", "features.1.bias": "bias",
-                     "features.5.weight": "scale", "features.5.bias": "bias"}
+    assert names == {
+        "features.1.weight": "scale",
+        "features.1.bias": "bias",
+        "features.5.weight": "scale",
+        "features.5.bias": "bias",
+    }
     with_stats = norm_parameter_names(student().module, statistics=True)
     assert "features.1.running_mean" in with_stats and "features.5.running_var" in with_stats
 

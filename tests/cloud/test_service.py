@@ -70,9 +70,7 @@ def post(server: LocalServer, device: str, content: bytes, token: str | None) ->
     headers = {"Content-Type": wire.CONTENT_TYPE}
     if token is not None:
         headers["Authorization"] = f"Bearer {token}"
-    return httpx.post(
-        f"{server.url}/v1/devices/{device}/samples", content=content, headers=headers, timeout=30
-    )
+    return httpx.post(f"{server.url}/v1/devices/{device}/samples", content=content, headers=headers, timeout=30)
 
 
 def test_tokens_guard_every_device_endpoint(service) -> None:
@@ -155,9 +153,7 @@ def test_server_killed_mid_stream_loses_no_acknowledged_sample(tmp_path: Path, b
                 assert wait_for(lambda: uplink.stats.uploaded > 0, 30)
                 server.kill()  # SIGKILL while the edge keeps producing
             if i == 25:
-                server = LocalServer(
-                    TEACHER, STUDENT, db, port=port, cwd=REPO, log=tmp_path / "server.log"
-                ).start()
+                server = LocalServer(TEACHER, STUDENT, db, port=port, cwd=REPO, log=tmp_path / "server.log").start()
             time.sleep(0.05)
         assert wait_for(lambda: len(queue) == 0, 60)
         assert uplink.stats.failures > 0  # it did see the outage
