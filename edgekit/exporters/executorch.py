@@ -103,7 +103,9 @@ def export_pte(
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     program = _program_to_lower(bundle, calib)
-    example = dict(bundle.example_inputs)
+    # contiguous: a strided example (e.g. a permuted HWC image) would bake a channels-last dim
+    # order into the .pte, and plain numpy inputs then fail in XNNPACK's shape propagation
+    example = {name: tensor.contiguous() for name, tensor in bundle.example_inputs.items()}
     with torch.no_grad():
         exported = torch.export.export(program, (), example, strict=False)
     lowered, reasons = lower(exported)

@@ -112,3 +112,27 @@ def test_graph_rewrites_are_exact() -> None:
     for d in data:
         x = torch.from_numpy(d["x"])
         assert torch.equal(rewritten(x=x), plain(x=x))
+
+
+class ConvReLU6(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.act = nn.ReLU6(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.conv(x))
+
+
+def test_relu6_is_quantized_after_the_clamp(calibration) -> None:
+    """conv -> ReLU6 is one int8 op: its output range is [0, 6] at most, not the conv's raw range."""
+    torch.manual_seed(0)
+    example = {"x": torch.randn(1, 3, 12, 12)}
+    data = [{"x": 4 * d["pixels"]} for d in calibration(4)]  # conv outputs well beyond [0, 6]
+    program = ptq.quantize_program(ConvReLU6().eval(), example, data, ptq.spec_from_config(ptq.Config()))
+    conv = next(n for n in program.graph.nodes if n.target == torch.ops.aten.conv2d.default)
+    (clamp,) = conv.users
+    assert "hardtanh" in str(clamp.target)  # no quantize between the conv and its clamp
+    (quantize,) = clamp.users
+    scale, zero_point = quantize.args[1], quantize.args[2]
+    assert quantize.target == Q_TENSOR and zero_point == -128 and scale <= 6.0 / 255 + 1e-9

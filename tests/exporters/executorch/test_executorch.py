@@ -67,7 +67,9 @@ def test_fp32_op_table_counts_flops_and_names_the_float_island(conv_fp32: PteExp
 
 
 def test_fp32_mlp_is_one_delegate_and_matches_torch(mlp_bundle: ModelBundle, samples, tmp_path) -> None:
-    export = export_pte(mlp_bundle, tmp_path)
+    # a strided example input (as a permuted HWC image is) must still give a .pte for plain arrays
+    strided = mlp_bundle.replace(example_inputs={"features": torch.randn(32, 4).t()})
+    export = export_pte(strided, tmp_path)
     assert export.delegation.undelegated_ops == 0 and export.delegation.delegates == 1
     (out,) = PteProgram(export.path, mlp_bundle.input_names).run(samples(mlp_bundle, 1, seed=2)[0])
     reference = _torch(mlp_bundle.module, samples(mlp_bundle, 1, seed=2)[0])
@@ -104,8 +106,9 @@ def test_int8_conv_reports_conversions_around_the_float_island(conv_int8) -> Non
     quantize = [op for op in export.ops if "quantize_per_tensor" in op.op_type and op not in dequantize]
     # input -> int8, int8 -> float for the mean, float -> int8 after it, int8 -> float logits
     assert sum(op.count for op in quantize) == 2 and sum(op.count for op in dequantize) == 2
-    relu = _ops(export, "aten.relu")
-    assert relu and all(op.integer and op.bytes_moved == 0 for op in relu)  # fused into the conv
+    # ReLU and ReLU6 (hardtanh) fuse into the conv's int8 output: integer, no traffic of their own
+    clamps = _ops(export, "aten.relu") + _ops(export, "aten.hardtanh")
+    assert sum(op.count for op in clamps) == 3 and all(op.integer and op.bytes_moved == 0 for op in clamps)
 
 
 def test_int8_export_without_ptq_program_calibrates_from_the_spec(mlp_bundle, samples, tmp_path) -> None:
