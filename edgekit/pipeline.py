@@ -337,7 +337,8 @@ def run_export(plan: ExportPlan) -> ExportResult:
             quality = evaluate_quality(transformed, staging, fmt, plan.eval_samples)
             stats = _op_stats(fmt, staging, spec)
             size = _format_bytes(staging, spec)
-            check = devices.check(stats, size, None, plan.device, fmt)
+            device_format = "onnx-qdq" if fmt == "onnx" and transformed.quant is not None else fmt
+            check = devices.check(stats, size, None, plan.device, device_format)
             cost = devices.estimate(stats, plan.device)
             entry: dict[str, Any] = {
                 "files": spec.files,
