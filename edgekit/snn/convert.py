@@ -160,8 +160,10 @@ def fold_batchnorm(layer: nn.Module, norm: nn.BatchNorm1d | nn.BatchNorm2d) -> n
     """conv/linear followed by BatchNorm (eval statistics) -> one conv/linear with a bias."""
     folded = copy.deepcopy(layer).eval()
     with torch.no_grad():
-        scale = norm.weight / torch.sqrt(norm.running_var + norm.eps) if norm.affine else 1.0 / torch.sqrt(
-            norm.running_var + norm.eps
+        scale = (
+            norm.weight / torch.sqrt(norm.running_var + norm.eps)
+            if norm.affine
+            else 1.0 / torch.sqrt(norm.running_var + norm.eps)
         )
         shift = norm.bias if norm.affine else torch.zeros_like(norm.running_mean)
         bias = layer.bias if layer.bias is not None else torch.zeros_like(norm.running_mean)

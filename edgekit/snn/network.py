@@ -103,7 +103,8 @@ class SpikingNet(nn.Module):
                 entry["macs"] = macs_per_sample(op, output)
                 # spike counts behind each input: integers when the input is (average-pooled) spikes
                 counts = inputs * area
-                entry["spike_input"] = bool(((counts - counts.round()).abs() < 1e-3).all()) and bool((inputs >= 0).all())
+                integral = bool(((counts - counts.round()).abs() < 1e-3).all())
+                entry["spike_input"] = integral and bool((inputs >= 0).all())
                 entry["spikes_per_input"] = float(counts.mean())  # events per input position
                 entry["input_density"] = float((inputs != 0).float().mean())
             self.record.append(entry)

@@ -32,7 +32,7 @@ from edgekit.progress import step
 from edgekit.snn.convert import convert
 from edgekit.snn.energy import count_ops
 from edgekit.snn.network import SpikingNet, UnrolledSNN, named_input
-from edgekit.snn.train import Stage, accuracy, iir
+from edgekit.snn.train import Stage, accuracy, iir, stage_epochs
 
 
 @dataclass
@@ -44,12 +44,14 @@ class Config:
     """
 
     ladder: list[int] = field(default_factory=lambda: [5, 3, 1])
-    epochs: float = 1.0  # per ladder stage (fractions train on part of an epoch)
+    # per ladder stage, one value or one per stage; fractions train on part of an epoch. The budget
+    # goes mostly to the last stage, which is cheap (T=1) and the one that is exported.
+    epochs: list[float] = field(default_factory=lambda: [0.5, 0.5, 1.0])
     lr: float = 1e-3
     batch: int = 64
     dropout: float = 0.2
     train: str = "fashion-mnist"  # data set whose "calib" split trains the SNN
-    train_samples: int = 20000
+    train_samples: int = 12000
     eval_samples: int = 1000  # per-stage accuracy, on the data set's "eval" split
     percentile: float = 90.0  # initial thresholds: this percentile of the ANN's pre-activations
     energy_samples: int = 200
@@ -82,6 +84,7 @@ def _check(bundle: ModelBundle, config: Config) -> None:
         raise EdgekitError(f"the snn-iir recipe needs a single-input model; {bundle.spec} takes {bundle.input_names}")
     if not config.ladder or list(config.ladder) != sorted(set(config.ladder), reverse=True) or config.ladder[-1] < 1:
         raise EdgekitError(f"ladder must be distinct decreasing timesteps >= 1, e.g. 5,4,3,2,1 (got {config.ladder})")
+    stage_epochs(list(config.ladder), list(config.epochs))
     if not 0 <= config.dropout < 1:
         raise EdgekitError(f"dropout must be in [0, 1), got {config.dropout}")
     if config.train_samples < config.batch or config.eval_samples < 1:

@@ -103,12 +103,22 @@ def train_stage(
     )
 
 
+def stage_epochs(ladder: list[int], epochs: float | list[float]) -> list[float]:
+    """One epoch budget per stage: a single value for all stages, or one per stage."""
+    values = [float(epochs)] if isinstance(epochs, int | float) else [float(e) for e in epochs]
+    if len(values) == 1:
+        values = values * len(ladder)
+    if len(values) != len(ladder) or any(v <= 0 for v in values):
+        raise EdgekitError(f"epochs must be one positive value or one per ladder stage ({len(ladder)}), got {epochs}")
+    return values
+
+
 def iir(
     net: SpikingNet,
     inputs: torch.Tensor,
     labels: torch.Tensor,
     ladder: list[int],
-    epochs: float,
+    epochs: float | list[float],
     lr: float,
     batch: int,
     eval_inputs: torch.Tensor,
@@ -120,6 +130,7 @@ def iir(
     """Run the ladder in place on ``net``; returns each stage's record and copies of the stages in ``keep``."""
     if not ladder or any(t < 1 for t in ladder) or list(ladder) != sorted(ladder, reverse=True):
         raise EdgekitError(f"the timestep ladder must be positive and decreasing, e.g. 5,4,3,2,1 (got {ladder})")
+    per_stage = stage_epochs(ladder, epochs)
     stages: list[Stage] = []
     kept: dict[int, SpikingNet] = {}
     columns = (
@@ -130,10 +141,10 @@ def iir(
         TextColumn("{task.fields[status]}"),
     )
     with Progress(*columns, console=console, disable=not show_progress, transient=False) as progress:
-        for timesteps in ladder:
+        for timesteps, stage_epoch in zip(ladder, per_stage, strict=True):
             stages.append(
                 train_stage(
-                    net, inputs, labels, timesteps, epochs, lr, batch, seed, eval_inputs, eval_labels, progress
+                    net, inputs, labels, timesteps, stage_epoch, lr, batch, seed, eval_inputs, eval_labels, progress
                 )
             )
             if timesteps in keep:

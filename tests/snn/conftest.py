@@ -14,7 +14,8 @@ FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
 def _idx(name: str) -> np.ndarray:
-    payload = gzip.open(FASHION_MNIST / name).read()
+    with gzip.open(FASHION_MNIST / name) as handle:
+        payload = handle.read()
     ndim = payload[3]
     shape = np.frombuffer(payload, ">u4", ndim, 4)
     return np.frombuffer(payload, np.uint8, offset=4 + 4 * ndim).reshape(shape)
