@@ -78,7 +78,7 @@ class SpikingNet(nn.Module):
                     if isinstance(op, WEIGHT_OPS):
                         self._note(i, op, h, out, t, area)
                     elif is_average_pool(op):
-                        area *= h[0, 0].numel() / out[0, 0].numel()
+                        area *= pool_area(op, h, out)
                     if i == first:
                         cached = out
                     h = out
@@ -116,6 +116,15 @@ def is_average_pool(op: nn.Module) -> bool:
         F.avg_pool2d,
         F.adaptive_avg_pool2d,
     )
+
+
+def pool_area(op: nn.Module, inputs: torch.Tensor, output: torch.Tensor) -> float:
+    """How many inputs one average-pooled value averages (the kernel, when the op has one)."""
+    kernel = getattr(op, "kernel_size", None) or (op.args[0] if getattr(op, "args", None) else None)
+    if kernel is None or isinstance(op, nn.AdaptiveAvgPool2d) or getattr(op, "fn", None) is F.adaptive_avg_pool2d:
+        return inputs[0, 0].numel() / output[0, 0].numel()
+    kernel = (kernel, kernel) if isinstance(kernel, int) else tuple(kernel)
+    return float(kernel[0] * kernel[1])
 
 
 def macs_per_sample(op: nn.Module, output: torch.Tensor) -> int:

@@ -46,12 +46,12 @@ class Config:
     ladder: list[int] = field(default_factory=lambda: [5, 3, 1])
     # per ladder stage, one value or one per stage; fractions train on part of an epoch. The budget
     # goes mostly to the last stage, which is cheap (T=1) and the one that is exported.
-    epochs: list[float] = field(default_factory=lambda: [0.5, 0.5, 1.0])
+    epochs: list[float] = field(default_factory=lambda: [0.5, 0.5, 2.0])
     lr: float = 1e-3
     batch: int = 64
     dropout: float = 0.2
     train: str = "fashion-mnist"  # data set whose "calib" split trains the SNN
-    train_samples: int = 12000
+    train_samples: int = 60000
     eval_samples: int = 1000  # per-stage accuracy, on the data set's "eval" split
     percentile: float = 90.0  # initial thresholds: this percentile of the ANN's pre-activations
     energy_samples: int = 200
