@@ -68,12 +68,16 @@ SOURCES: dict[str, Callable[[], np.ndarray]] = {
 
 
 def rgb(image: np.ndarray) -> np.ndarray:
-    """Grey or RGB(A), uint8 or float in [0,1] -> HxWx3 uint8."""
+    """HxW grey, HxWx3 RGB or HxWx4 RGBA; uint8 or float in [0,1] -> HxWx3 uint8."""
     array = np.asarray(image)
     if array.dtype != np.uint8:
-        array = (np.clip(array.astype(np.float64), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+        if not np.issubdtype(array.dtype, np.floating) or not np.isfinite(array).all():
+            raise EdgekitError(f"image must be uint8 or finite float in [0,1], got {array.dtype}")
+        array = (np.clip(array, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
     if array.ndim == 2:
         array = np.repeat(array[:, :, None], 3, axis=2)
+    if array.ndim != 3 or array.shape[-1] not in (3, 4):
+        raise EdgekitError(f"image must be HxW or HxWx3, got shape {array.shape}")
     return np.ascontiguousarray(array[:, :, :3])
 
 

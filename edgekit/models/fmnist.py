@@ -1,11 +1,12 @@
 """The two Fashion-MNIST zoo models, trained here on first use and cached.
 
-* ``fmnist-cnn``: a small conv-BN-ReLU-maxpool CNN (~29k parameters), ~91% test accuracy after a
-  minute or two of CPU training; the quick model for quantization and export demos.
+* ``fmnist-cnn``: a small conv-BN-ReLU-maxpool CNN (29k parameters), 90.95% test accuracy after
+  3 epochs (74 CPU-seconds on one core); the quick model for quantization and export demos.
 * ``fmnist-vgg``: a VGG-style stack (3x3 conv, BatchNorm, ReLU, average pooling, dropout,
   one linear layer). It is the ANN the IIR-SNN recipe converts, so it uses only layers with
   a spiking counterpart: bias-free convs, BN (foldable into the convs), ReLU, AvgPool
   (average pooling of spikes stays a linear op, max pooling does not), Flatten, Dropout, Linear.
+  78k parameters, 92.78% test accuracy after 5 epochs (246 CPU-seconds on one core).
 
 Inputs are named ``x``: float [B,1,28,28], pixels scaled to [0,1] then normalised with the
 training-set mean 0.2860 and std 0.3530. Training is deterministic for a given seed (fixed
@@ -56,16 +57,28 @@ class Recipe:
 
 
 CNN_RECIPE = Recipe(version=1, epochs=3, lr=3e-3, batch_size=128)
-VGG_RECIPE = Recipe(version=1, epochs=6, lr=3e-3, batch_size=128)
+VGG_RECIPE = Recipe(version=1, epochs=5, lr=3e-3, batch_size=128)
+
+
+class Net(nn.Sequential):
+    """A Sequential whose forward names its input ``x``: bundles call ``module(**example_inputs)``.
+
+    Subclassing (not wrapping) keeps the state-dict keys ``0.weight, 1.running_mean, ...``.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self:
+            x = layer(x)
+        return x
 
 
 def _conv_bn_relu(inp: int, out: int) -> list[nn.Module]:
     return [nn.Conv2d(inp, out, 3, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU()]
 
 
-def build_cnn() -> nn.Sequential:
+def build_cnn() -> Net:
     """28 -> 14 -> 7 -> 3 pixels over three conv-BN-ReLU-maxpool stages, then one linear layer."""
-    return nn.Sequential(
+    return Net(
         *_conv_bn_relu(1, 16), nn.MaxPool2d(2),
         *_conv_bn_relu(16, 32), nn.MaxPool2d(2),
         *_conv_bn_relu(32, 64), nn.MaxPool2d(2),
@@ -73,10 +86,10 @@ def build_cnn() -> nn.Sequential:
     )  # fmt: skip
 
 
-def build_vgg(width: int = 16) -> nn.Sequential:
+def build_vgg(width: int = 16) -> Net:
     """VGG-style: three stages of two 3x3 conv-BN-ReLU and a 2x2 average pool, dropout, linear."""
     w = width
-    return nn.Sequential(
+    return Net(
         *_conv_bn_relu(1, w), *_conv_bn_relu(w, w), nn.AvgPool2d(2),
         *_conv_bn_relu(w, 2 * w), *_conv_bn_relu(2 * w, 2 * w), nn.AvgPool2d(2),
         *_conv_bn_relu(2 * w, 4 * w), *_conv_bn_relu(4 * w, 4 * w), nn.AvgPool2d(2),
@@ -115,6 +128,7 @@ def train_and_save(
         test_accuracy=test_accuracy,
         test_images=len(test_labels),
         train_seconds=round(report.seconds, 1),
+        train_cpu_seconds=round(report.cpu_seconds, 1),
         epoch_losses=[round(loss, 4) for loss in report.epoch_losses],
         recipe=asdict(recipe),
         torch_threads=torch.get_num_threads(),

@@ -132,7 +132,7 @@ def _from_pretrained(loader: Callable[..., nn.Module], path: Path, **kwargs: Any
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         return loader(path, dtype=torch.float32, **kwargs).eval()
-    except (OSError, ValueError, RuntimeError, KeyError) as error:
+    except Exception as error:  # whatever the reader raises, the user's files are at fault
         first = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise EdgekitError(f"{path}: cannot load weights ({type(error).__name__}: {first[:200]})") from None
 

@@ -18,6 +18,7 @@ from PIL import Image
 from torch import nn
 
 from edgekit.data.imagenet import classes
+from edgekit.data.photos import rgb
 from edgekit.errors import EdgekitError
 from edgekit.models.bundle import ModelBundle
 from edgekit.models.sources import state_hash
@@ -111,23 +112,9 @@ def weights_path() -> Path:
     return path
 
 
-def to_rgb_uint8(image: np.ndarray) -> np.ndarray:
-    """HxW grey, HxWx3 RGB or HxWx4 RGBA; uint8 or float in [0,1] -> HxWx3 uint8."""
-    array = np.asarray(image)
-    if array.dtype != np.uint8:
-        if not np.issubdtype(array.dtype, np.floating) or not np.isfinite(array).all():
-            raise EdgekitError(f"image must be uint8 or finite float in [0,1], got {array.dtype}")
-        array = (np.clip(array, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-    if array.ndim == 2:
-        array = np.stack([array] * 3, axis=-1)
-    if array.ndim != 3 or array.shape[-1] not in (3, 4):
-        raise EdgekitError(f"image must be HxW or HxWx3, got shape {array.shape}")
-    return np.ascontiguousarray(array[..., :3])
-
-
 def preprocess(image: np.ndarray) -> dict[str, torch.Tensor]:
     """HxWx3 uint8 photo -> {"pixel_values": float [1,3,224,224]} (torchvision's eval transform)."""
-    picture = Image.fromarray(to_rgb_uint8(image))
+    picture = Image.fromarray(rgb(image))
     width, height = picture.size
     # torchvision's Resize(256): shorter side 256, longer side truncated; CenterCrop rounds the offset
     if width <= height:

@@ -23,8 +23,9 @@ from edgekit.errors import EdgekitError
 @dataclass
 class TrainReport:
     epochs: int
-    seconds: float
+    seconds: float  # wall clock
     final_loss: float
+    cpu_seconds: float = 0.0  # process CPU time: less sensitive than wall clock to other load
     epoch_losses: list[float] = field(default_factory=list)
     epoch_accuracies: list[float] = field(default_factory=list)  # on eval arrays, when given
 
@@ -104,22 +105,23 @@ def train_classifier(
     seed the model's *construction* yourself before building it. ``on_epoch(epoch, mean_loss,
     eval_accuracy_or_None)`` is called after every epoch, e.g. for logging.
     """
-    if len(images) != len(labels) or len(images) == 0:
-        raise EdgekitError(f"need as many labels as images (got {len(images)} images, {len(labels)} labels)")
+    if len(images) != len(labels) or len(images) < 2:
+        raise EdgekitError(f"need as many labels as images, at least 2 (got {len(images)} and {len(labels)})")
     if epochs < 1 or batch_size < 1 or lr <= 0:
         raise EdgekitError("epochs and batch_size must be >= 1 and lr > 0")
     inputs = to_tensor(images, mean, std)
     targets = torch.tensor(np.asarray(labels), dtype=torch.long)
     eval_inputs = to_tensor(eval_images, mean, std) if eval_images is not None else None
     generator = torch.Generator().manual_seed(seed)
-    steps_per_epoch = (len(inputs) + batch_size - 1) // batch_size
+    # a last batch of one would break BatchNorm in training mode: drop it, keep any larger remainder
+    steps_per_epoch = len(inputs) // batch_size + (1 if len(inputs) % batch_size > 1 else 0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=lr, epochs=epochs, steps_per_epoch=steps_per_epoch, pct_start=0.25
     )
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=label_smoothing)
     report = TrainReport(epochs=epochs, seconds=0.0, final_loss=float("nan"))
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     columns = (
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -163,5 +165,6 @@ def train_classifier(
                 on_epoch(epoch + 1, report.epoch_losses[-1], eval_accuracy)
     model.eval()
     report.seconds = time.perf_counter() - start
+    report.cpu_seconds = time.process_time() - cpu_start
     report.final_loss = report.epoch_losses[-1]
     return report

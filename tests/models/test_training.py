@@ -85,3 +85,9 @@ def test_to_tensor_and_input_checks(subset) -> None:
         train_classifier(tiny_net(), images[:10], labels[:9], progress=False)
     model = tiny_net().eval()
     assert 0.0 <= accuracy(model, to_tensor(images[:50], 0.286, 0.353), labels[:50]) <= 1.0
+
+
+def test_last_batch_of_one_is_dropped(subset) -> None:
+    images, labels, _, _ = subset
+    report = train_classifier(tiny_net(), images[:65], labels[:65], epochs=1, batch_size=64, progress=False)
+    assert len(report.epoch_losses) == 1 and np.isfinite(report.final_loss)
