@@ -93,7 +93,7 @@ def test_conversion_keeps_accuracy_at_large_t(tiny_ann, fmnist) -> None:
     with torch.no_grad():
         agreement = float((snn(x).argmax(-1) == tiny_ann(x).argmax(-1)).float().mean())
     assert accuracy(snn, x, y) >= ann_accuracy - 0.03
-    assert agreement >= 0.9
+    assert agreement >= 0.85
     snn.timesteps = 1
     assert accuracy(snn, x, y) < ann_accuracy - 0.05  # why IIR retrains: conversion alone fails at T=1
 

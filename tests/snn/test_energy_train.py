@@ -59,7 +59,7 @@ def test_iir_ladder_recovers_t1_accuracy(tiny_ann, fmnist) -> None:
     net = convert(tiny_ann, x[:64], timesteps=3, dropout=0.2)
     net.timesteps = 1
     converted_t1 = accuracy(net, test_x, test_y)
-    stages, kept = iir(net, x, y, [3, 1], 0.5, 3e-3, 64, test_x, test_y, show_progress=False, keep=(3,))
+    stages, kept = iir(net, x, y, [3, 1], 0.5, 1e-2, 64, test_x, test_y, show_progress=False, keep=(3,))
     assert [stage.timesteps for stage in stages] == [3, 1] and net.timesteps == 1
     assert kept[3].timesteps == 3 and kept[3] is not net
     assert stages[-1].accuracy > converted_t1 + 0.3  # conversion alone is near chance at T=1
