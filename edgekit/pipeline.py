@@ -189,7 +189,7 @@ def verify(
     float_outputs, simulated_outputs, runtime_outputs = [], [], []
     for feeds in samples:
         fitted = _fit_to_graph(feeds, graph)
-        float_outputs.append(torch_output(bundle.module, fitted))
+        float_outputs.append(torch_output(_float_module(bundle), fitted))
         simulated_outputs.append(torch_output(bundle.simulated or bundle.module, fitted))
         runtime_outputs.append(next(iter(session.run(fitted, graph=None).values())))
     stacked = [np.concatenate(outputs, axis=0) for outputs in (float_outputs, simulated_outputs, runtime_outputs)]
@@ -214,6 +214,11 @@ def verify(
             f"(recipe tolerance; relax with --set verify.min_sqnr_db=...)"
         )
     return result
+
+
+def _float_module(bundle: ModelBundle) -> torch.nn.Module:
+    """The float reference: the model itself, or the ANN a transform replaced (``meta['float_module']``, SNN)."""
+    return bundle.meta.get("float_module", bundle.module)
 
 
 def _fit_to_graph(feeds: dict[str, np.ndarray], graph) -> dict[str, np.ndarray]:
@@ -257,7 +262,7 @@ def evaluate_quality(bundle: ModelBundle, directory: Path, fmt: str, count: int)
     float_outs, export_outs, targets = [], [], []
     for item in track(items, f"evaluating {fmt} on {bundle.dataset}"):
         feeds = _fit_to_graph({k: v.numpy() for k, v in bundle.preprocess(item.raw).items()}, graph)
-        float_outs.append(torch_output(bundle.module, feeds))
+        float_outs.append(torch_output(_float_module(bundle), feeds))
         export_outs.append(next(iter(session.run(feeds).values())))
         targets.append(item.target)
     if bundle.task == "classifier" and all(t is not None for t in targets):
@@ -353,6 +358,7 @@ def run_export(plan: ExportPlan) -> ExportResult:
             device=plan.device.name,
             formats=formats,
             language_model=_language_model_facts(bundle, staging),
+            timesteps=transformed.meta.get("timesteps"),
             edgekit_version=__version__,
             created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         )
@@ -360,7 +366,7 @@ def run_export(plan: ExportPlan) -> ExportResult:
 
         baseline_formats: dict[str, FormatSpec] = {}
         quantized = transformed.quant is not None
-        if plan.baseline and quantized:
+        if plan.baseline and (quantized or "float_module" in transformed.meta):
             float_bundle = dataclasses.replace(bundle, simulated=bundle.module, quant=None)
             for fmt in plan.formats:
                 with step(f"fp32 {fmt} baseline for ratios"):
@@ -399,6 +405,8 @@ def run_export(plan: ExportPlan) -> ExportResult:
                 entry["latency_ratio"] = entry["latency_ms"] / entry["baseline"]["latency_ms"]
             per_format[fmt] = entry
         report = {"plan": plan.describe(), "formats": per_format, "manifest": {"created": manifest.created}}
+        if "snn" in transformed.meta:  # spike rates, op/energy counts, accuracy per ladder stage
+            report["snn"] = transformed.meta["snn"]
         write_report(staging, manifest, report)
         _replace(staging, plan.out)
     except BaseException:
