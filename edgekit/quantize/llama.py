@@ -55,7 +55,9 @@ LAYER_SITES: dict[str, tuple[str, str]] = {
     "res_mlp": ("other", "ops.{i}.res_mlp"),
 }
 HEAD_SITES: dict[str, tuple[str, str]] = {
-    "embed": ("other", "embed_tokens"),
+    # The embedding Gather's output takes its table's quantization in the QDQ graph (uint8, the
+    # table's min/max): simulated as such, never learned nor overridden.
+    "embed": ("table", "embed_tokens"),
     "final": ("matmul", "norm"),
     "logits": ("other", "lm_head"),
 }
@@ -85,9 +87,7 @@ class Softmax(nn.Module):
 
 class AttnOut(nn.Module):
     def forward(self, probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        out = torch.matmul(probs, v[:, :, None])  # [B, kv, g, S, d]
-        batch, length = out.shape[0], out.shape[3]
-        return out.permute(0, 3, 1, 2, 4).reshape(batch, length, -1)
+        return torch.matmul(probs, v[:, :, None])  # [B, kv, g, S, d]
 
 
 class Add(nn.Module):
@@ -134,6 +134,8 @@ class Bits:
     per_channel_down: bool = True  # ... except down_proj (W8A8)
 
     def site(self, kind: str) -> int:
+        if kind == "table":
+            return 8
         return self.matmul if kind == "matmul" else self.other
 
 
@@ -207,8 +209,21 @@ class QuantLlama(CausalLMWithCache):
     def clip_parameters(self) -> list[nn.Parameter]:
         return [q.logit for q in self.weight_quants() if q.learn]
 
+    def learned_act_quants(self) -> list[ActQuant]:
+        return [q for sites in self.acts for q in sites.values()] + [
+            self.head_acts[site] for site, (kind, _) in HEAD_SITES.items() if kind != "table"
+        ]
+
     def range_parameters(self) -> list[nn.Parameter]:
-        return [p for q in self.act_quants() for p in (q.scale, q.offset)]
+        return [p for q in self.learned_act_quants() for p in (q.scale, q.offset)]
+
+    @torch.no_grad()
+    def init_ranges(self) -> None:
+        """MinMax init from what :meth:`observe` saw; the embedding site from its table."""
+        for quant in self.act_quants():
+            quant.init_from_observed()
+        table = self.embed_tokens.weight
+        self.head_acts["embed"].set_range(float(table.min()), float(table.max()))
 
     # -- effective (transformed) weights ----------------------------------------------------------
     def _expand_heads(self, per_kv: torch.Tensor) -> torch.Tensor:
@@ -296,24 +311,30 @@ class QuantLlama(CausalLMWithCache):
         q = act["q"](self._project(index, "q_proj", x, weights))
         k = act["k"](self._project(index, "k_proj", x, weights))
         v = act["v"](self._project(index, "v_proj", x, weights))
-        q = q.view(batch, length, kv, groups, dim).permute(0, 2, 3, 1, 4)
-        k = k.view(batch, length, kv, dim).transpose(1, 2)
+        # RoPE runs in the projections' [B, S, heads, d] layout and the head transposes come after
+        # the rope modules: a site module must end at its compute op, not at a data move (a
+        # Transpose/Reshape takes its input's quantization in the QDQ graph, not the override).
+        cos_s, sin_s = cos.reshape(1, length, 1, dim), sin.reshape(1, length, 1, dim)
+        q = act["q_rope"](ops.q_rope(q.view(batch, length, kv, groups, dim), cos_s[:, :, None], sin_s[:, :, None]))
+        k = act["k_rope"](ops.k_rope(k.view(batch, length, kv, dim), cos_s, sin_s))
+        self._record(f"{index}.q_rope", q, (0, 1, 3))  # [kv, d]
+        self._record(f"{index}.k_rope", k, (0, 1))  # [kv, d]
+        q = q.permute(0, 2, 3, 1, 4)  # [B, kv, g, S, d]
+        k = k.transpose(1, 2)  # [B, kv, S, d]
         v = v.view(batch, length, kv, dim).transpose(1, 2)
-        q = act["q_rope"](ops.q_rope(q, cos, sin))
-        k = act["k_rope"](ops.k_rope(k, cos, sin))
-        self._record(f"{index}.q_rope", q, (0, 2, 3))  # [kv, d]
-        self._record(f"{index}.k_rope", k, (0, 2))  # [kv, d]
         if past_k is not None:
             k = torch.cat((past_k, k), dim=2)
             v = torch.cat((past_v, v), dim=2)
         scores = act["scores"](ops.scores(q, k, mask))
         probs = act["probs"](ops.softmax(scores))
-        out = act["attn_out"](ops.attn_out(probs, v))
+        out = act["attn_out"](ops.attn_out(probs, v)).permute(0, 3, 1, 2, 4).reshape(batch, length, -1)
         self._record(f"{index}.attn_out", out, (0, 1))
         hidden = act["res_attn"](ops.res_attn(hidden, act["o"](self._project(index, "o_proj", out, weights))))
 
         mlp = layer.mlp
-        x = act["mlp_in"](self._norm(layer.post_attention_layernorm, hidden, weights and weights["post_attention_layernorm"]))
+        x = act["mlp_in"](
+            self._norm(layer.post_attention_layernorm, hidden, weights and weights["post_attention_layernorm"])
+        )
         self._record(f"{index}.mlp_in", x, (0, 1))
         gate = act["act"](mlp.act_fn(act["gate"](self._project(index, "gate_proj", x, weights))))
         up = act["up"](self._project(index, "up_proj", x, weights))
@@ -372,8 +393,9 @@ class QuantLlama(CausalLMWithCache):
         for index, sites in enumerate(self.acts):
             for site, (_, path) in LAYER_SITES.items():
                 table[path.format(i=index)] = sites[site].override()
-        for site, (_, path) in HEAD_SITES.items():
-            table[path] = self.head_acts[site].override()
+        for site, (kind, path) in HEAD_SITES.items():
+            if kind != "table":
+                table[path] = self.head_acts[site].override()
         return table
 
 

@@ -125,8 +125,7 @@ def quantize_llama(
         for input_ids in batches:
             model.prefill(input_ids)
     model.observe(False)
-    for quant in model.act_quants():
-        quant.init_from_observed()
+    model.init_ranges()
     targets = float_targets(model, batches)
     facts: dict[str, object] = {"batches": len(batches), "samples": sum(len(b) for b in batches)}
     facts["mse_init"] = hidden_mse(model, batches, targets)

@@ -103,5 +103,7 @@ def optimise(
 def hidden_mse(model: QuantLlama, batches: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]) -> float:
     """Mean MSE of the simulated (fully quantized) model's final hidden state against the float one."""
     model.set_quant(weights=True, acts=True)
-    losses = [float(torch.nn.functional.mse_loss(model.hidden_state(b), t)) for b, t in zip(batches, targets, strict=True)]
+    losses = [
+        float(torch.nn.functional.mse_loss(model.hidden_state(b), t)) for b, t in zip(batches, targets, strict=True)
+    ]
     return sum(losses) / max(len(losses), 1)

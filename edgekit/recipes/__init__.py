@@ -32,6 +32,7 @@ from edgekit.errors import EdgekitError
 TRANSFORMS: dict[str, str] = {
     "identity": "edgekit.recipes.identity",
     "ptq": "edgekit.quantize.ptq",
+    "mobilequant": "edgekit.quantize.mobilequant",
 }
 
 
