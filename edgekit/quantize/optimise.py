@@ -53,10 +53,17 @@ def optimise(
     """Train the simulated model in place; returns the loss history and timing."""
     model.set_quant(weights=True, acts=True)
     groups = []
+    # The range learning rates are for 8-bit sites; a 16-bit site's scale is 257x finer, so its
+    # rate is scaled alike (as if learning the scale in 8-bit units).
+    ranges = {8: [], 16: []}
+    for quant in model.learned_act_quants():
+        ranges[quant.bits] += [quant.scale, quant.offset]
+    fine = 255.0 / 65535.0
     for params, (start, end) in (
         (model.transform_parameters(), schedule.transform),
         (model.clip_parameters(), schedule.clip),
-        (model.range_parameters(), schedule.range),
+        (ranges[8], schedule.range),
+        (ranges[16], (schedule.range[0] * fine, schedule.range[1] * fine)),
     ):
         if params and start > 0:
             for p in params:
