@@ -159,12 +159,17 @@ def _print_summary(report: dict) -> None:
     from edgekit.exporters.report import summary_rows
 
     header, *rows = summary_rows(report)
-    table = Table(title="export summary")
-    for column in header:
-        table.add_column(column)
+    table = Table(title="export summary")  # one column per format: reads well in 80 columns
+    table.add_column(header[0], style="bold")
     for row in rows:
-        table.add_row(*row)
+        table.add_column(row[0])
+    for index, label in enumerate(header[1:], start=1):
+        table.add_row(label, *(row[index] for row in rows))
     console.print(table)
+    for fmt, entry in report["formats"].items():
+        check = entry["device_check"]
+        if check.get("reasons"):
+            console.print(f"[yellow]{fmt}[/] on {check['device']}: " + "; ".join(check["reasons"]), highlight=False)
 
 
 # -- bundles on the edge --------------------------------------------------------------------------
@@ -233,6 +238,10 @@ def run_bundle(
             console.print(np.array2string(value.reshape(-1)[:16], precision=4), markup=False)
 
 
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:g}"
+
+
 # -- devices --------------------------------------------------------------------------------------
 @devices_app.command("list")
 def devices_list() -> None:
@@ -240,11 +249,19 @@ def devices_list() -> None:
     from edgekit import devices
 
     table = Table(title="device profiles")
-    for column in ("name", "vendor / chip", "runtime", "formats", "peak int8 TOPS", "bandwidth GB/s", "memory GB"):
-        table.add_column(column)
+    for column in ("name", "vendor", "runtime", "formats", "peak int8 TOPS", "bandwidth GB/s", "memory GB"):
+        table.add_column(column, no_wrap=column in ("name", "runtime"))
     for name in devices.list_profiles():
         profile = devices.load_profile(name)
-        table.add_row(*devices.summary_row(profile))
+        table.add_row(
+            profile.name,
+            profile.vendor,
+            profile.runtime,
+            ", ".join(profile.formats),
+            _number(profile.peak_tops.get("int8")),
+            _number(profile.bandwidth_gbps),
+            f"{profile.capacity_bytes / 2**30:.3g}",
+        )
     console.print(table)
 
 
@@ -257,8 +274,8 @@ def devices_show(name: Annotated[str, typer.Argument(help="device profile name")
     table = Table(title=f"device {name}")
     for column in ("field", "value", "source"):
         table.add_column(column)
-    for field_name, value, source in devices.describe(profile):
-        table.add_row(field_name, str(value), source)
+    for field_name, value, source in profile.rows():
+        table.add_row(field_name, value, source)
     console.print(table)
 
 

@@ -27,7 +27,7 @@ from edgekit.models import ModelBundle
 from edgekit.models import load as load_model
 from edgekit.progress import step, track
 from edgekit.runtime import load as load_bundle
-from edgekit.runtime.manifest import FormatSpec, Manifest
+from edgekit.runtime.manifest import FormatSpec, GraphSpec, Manifest, TensorSpec
 
 FORMATS = ("onnx", "pte")
 
@@ -117,24 +117,61 @@ def torch_output(module: torch.nn.Module, feeds: dict[str, np.ndarray]) -> np.nd
     return output.detach().float().numpy()
 
 
-def _export_format(fmt: str, bundle: ModelBundle, directory: Path, calib: list[dict[str, np.ndarray]]) -> FormatSpec:
-    if fmt == "onnx":
-        from edgekit.exporters.onnx import export_onnx
+@dataclass
+class FormatExport:
+    """One format's files as the manifest records them, plus the per-op summary of its main graph."""
 
-        return export_onnx(bundle, directory, calib)
+    spec: FormatSpec
+    ops: list
+
+
+def _onnx_format(bundle: ModelBundle, directory: Path, calib: list, shapes: dict[str, tuple]) -> FormatExport:
+    from edgekit.exporters.onnx import export_onnx
+    from edgekit.exporters.onnx_ops import onnx_op_stats
+
+    export = export_onnx(bundle, directory, calib or None)
+    graphs = {
+        ("main" if role == "model" else role): GraphSpec(
+            file=graph.path.name,
+            inputs=[TensorSpec(t.name, t.dtype, list(t.shape)) for t in graph.inputs],
+            outputs=[TensorSpec(t.name, t.dtype, list(t.shape)) for t in graph.outputs],
+        )
+        for role, graph in export.graphs.items()
+    }
+    details = export.to_dict()
+    spec = FormatSpec(
+        graphs=graphs,
+        files=[path.name for path in export.files],
+        quantization={role: graph["edge_quant"] for role, graph in details["graphs"].items()},
+        details={key: details[key] for key in ("opset", "precision", "exporter", "notes")},
+    )
+    return FormatExport(spec, onnx_op_stats(export.main.path, shapes))
+
+
+def _pte_format(bundle: ModelBundle, directory: Path, calib: list) -> FormatExport:
     from edgekit.exporters.executorch import export_pte
 
-    return export_pte(bundle, directory, calib)
+    export = export_pte(bundle, directory, calib or None)
+    graph = GraphSpec(
+        file=export.path.name,
+        inputs=[TensorSpec(t.name, t.dtype, list(t.shape)) for t in export.inputs],
+        outputs=[TensorSpec(t.name, t.dtype, list(t.shape)) for t in export.outputs],
+    )
+    summary = export.as_dict()
+    spec = FormatSpec(
+        graphs={"main": graph},
+        files=[path.name for path in export.files],
+        details={key: summary[key] for key in ("quantized", "static_shapes", "delegation")},
+    )
+    return FormatExport(spec, export.ops)
 
 
-def _op_stats(fmt: str, directory: Path, spec: FormatSpec) -> list:
+def _export_format(
+    fmt: str, bundle: ModelBundle, directory: Path, calib: list, shapes: dict[str, tuple]
+) -> FormatExport:
     if fmt == "onnx":
-        from edgekit.exporters.onnx_ops import onnx_op_stats
-
-        return onnx_op_stats(directory / next(iter(spec.graphs.values())).file)
-    from edgekit.exporters.executorch import pte_op_stats
-
-    return pte_op_stats(directory, spec)
+        return _onnx_format(bundle, directory, calib, shapes)
+    return _pte_format(bundle, directory, calib)
 
 
 def _format_bytes(directory: Path, spec: FormatSpec) -> int:
@@ -297,10 +334,12 @@ def run_export(plan: ExportPlan) -> ExportResult:
     staging = Path(tempfile.mkdtemp(prefix=f".{plan.out.name}.partial-", dir=plan.out.parent))
     scratch = Path(tempfile.mkdtemp(prefix=".edgekit-baseline-"))
     try:
-        formats: dict[str, FormatSpec] = {}
+        shapes = {name: tuple(array.shape) for name, array in verify_inputs[0].items()}
+        exports: dict[str, FormatExport] = {}
         for fmt in plan.formats:
             with step(f"exporting {fmt}"):
-                formats[fmt] = _export_format(fmt, transformed, staging, calib)
+                exports[fmt] = _export_format(fmt, transformed, staging, calib, shapes)
+        formats = {fmt: export.spec for fmt, export in exports.items()}
         manifest = Manifest(
             model={
                 "spec": bundle.spec,
@@ -325,7 +364,7 @@ def run_export(plan: ExportPlan) -> ExportResult:
             float_bundle = dataclasses.replace(bundle, simulated=bundle.module, quant=None)
             for fmt in plan.formats:
                 with step(f"fp32 {fmt} baseline for ratios"):
-                    baseline_formats[fmt] = _export_format(fmt, float_bundle, scratch, [])
+                    baseline_formats[fmt] = _export_format(fmt, float_bundle, scratch, [], shapes).spec
             Manifest(
                 model=manifest.model, recipe={"name": "fp32"}, device=plan.device.name, formats=baseline_formats
             ).write(scratch)
@@ -335,9 +374,10 @@ def run_export(plan: ExportPlan) -> ExportResult:
             with step(f"verifying {fmt} (float / simulated / runtime)"):
                 verification = verify(transformed, staging, fmt, verify_inputs, recipe)
             quality = evaluate_quality(transformed, staging, fmt, plan.eval_samples)
-            stats = _op_stats(fmt, staging, spec)
+            stats = exports[fmt].ops
             size = _format_bytes(staging, spec)
-            check = devices.check(stats, size, None, plan.device, fmt)
+            device_format = "onnx-qdq" if fmt == "onnx" and transformed.quant is not None else fmt
+            check = devices.check(stats, size, None, plan.device, device_format)
             cost = devices.estimate(stats, plan.device)
             entry: dict[str, Any] = {
                 "files": spec.files,

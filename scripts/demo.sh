@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 EDGEKIT=.venv/bin/edgekit
 OUT=out/demo-fmnist-cnn-ptq-int8
 $EDGEKIT zoo list
-$EDGEKIT export zoo:fmnist-cnn --recipe ptq-int8 --device snapdragon-8gen3-npu --format all --out "$OUT" --force
+$EDGEKIT export zoo:fmnist-cnn --recipe ptq-int8 --device snapdragon-8gen3-npu --format all --eval-samples 1000 --out "$OUT" --force
 $EDGEKIT inspect "$OUT"
 .venv/bin/python - "$OUT" <<'PY'
 import sys
@@ -14,11 +14,12 @@ import sys
 import numpy as np
 
 from edgekit import data
-from edgekit.models.fmnist import normalise
+from edgekit.data.fashion_mnist import CLASSES
+from edgekit.models.fmnist import preprocess
 
 item = data.items("fashion-mnist", "eval", 1)[0]
-np.savez(f"{sys.argv[1]}/../demo-input.npz", x=normalise(item.raw))
-print(f"sample input: a test image of class {data.fashion_mnist.CLASSES[item.target]!r}")
+np.savez("out/demo-input.npz", x=preprocess(item.raw)["x"].numpy())
+print(f"sample input: a Fashion-MNIST test image of class {CLASSES[item.target]!r}")
 PY
 $EDGEKIT run "$OUT" --input out/demo-input.npz
 echo "report: $OUT/report.md"

@@ -210,8 +210,7 @@ class DeviceCheck:
             ("format", f"{self.fmt}: {'accepted' if self.format_ok else 'NOT accepted'}"),
             (
                 "integer coverage",
-                f"{pct(self.integer_coverage_count)} of compute ops, "
-                f"{pct(self.integer_coverage_flops)} of FLOPs",
+                f"{pct(self.integer_coverage_count)} of compute ops, {pct(self.integer_coverage_flops)} of FLOPs",
             ),
             ("unsupported ops", ", ".join(self.unsupported) or "none"),
             ("ops rejected in their dtype", ", ".join(self.rejected) or "none"),
@@ -303,6 +302,4 @@ def check(
 
 def host_stat(op: OpVerdict) -> OpStat:
     """The op as the host CPU sees it when it falls back there: same dtypes, no delegate question."""
-    return OpStat(
-        op.op_type, op.count, op.integer, op.activation_bits, op.weight_bits, op.flops, op.bytes_moved, None
-    )
+    return OpStat(op.op_type, op.count, op.integer, op.activation_bits, op.weight_bits, op.flops, op.bytes_moved, None)

@@ -64,20 +64,11 @@ def _markdown_table(rows: list[tuple[str, ...]]) -> str:
 
 
 def _op_rows(entry: dict[str, Any]) -> list[tuple[str, ...]]:
-    verdicts = {op["op_type"]: op for op in entry["device_check"].get("ops", [])}
-    rows = [("op", "count", "runs in", "act bits", "weight bits", "device accepts", "why")]
-    for op in entry["ops"]:
-        verdict = verdicts.get(op["op_type"], {})
+    """The device check's per-op verdicts: op, count, integer or float as exported, and whether it runs."""
+    rows = [("op", "class", "count", "exported as", "device needs", "verdict", "why")]
+    for op in entry["device_check"]["ops"]:
         rows.append(
-            (
-                op["op_type"],
-                str(op["count"]),
-                "integer" if op["integer"] else "float",
-                _fmt(op.get("activation_bits")),
-                _fmt(op.get("weight_bits")),
-                {True: "yes", False: "NO"}.get(verdict.get("accepted"), "-"),
-                str(verdict.get("reason", "")),
-            )
+            (op["op_type"], op["op_class"], str(op["count"]), op["dtype"], op["required"], op["status"], op["reason"])
         )
     return rows
 

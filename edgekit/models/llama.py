@@ -45,9 +45,7 @@ def _rope_inverse_frequencies(config) -> tuple[torch.Tensor, float]:
 
         inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
         return inv_freq.to(torch.float32), float(scaling)
-    raise EdgekitError(
-        f"RoPE type '{rope_type}' is not supported for export (supported: {', '.join(SUPPORTED_ROPE)})"
-    )
+    raise EdgekitError(f"RoPE type '{rope_type}' is not supported for export (supported: {', '.join(SUPPORTED_ROPE)})")
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -71,6 +69,9 @@ class CausalLMWithCache(nn.Module):
         if not 1 <= n <= total:
             raise EdgekitError(f"num_layers must be between 1 and {total}, got {num_layers}")
         self.config = config
+        # Kept for recipes that need the original (e.g. a sub-model of other depth), but not
+        # registered as a submodule: its parameters would appear twice in state_dict and exports.
+        object.__setattr__(self, "_hf_model", hf_model)
         self.embed_tokens = base.embed_tokens
         self.layers = nn.ModuleList(list(base.layers)[:n])
         self.norm = base.norm
@@ -84,11 +85,16 @@ class CausalLMWithCache(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     @property
+    def hf_model(self) -> nn.Module:
+        """The transformers model whose submodules this one runs (shared, not copied)."""
+        return self._hf_model
+
+    @property
     def num_layers(self) -> int:
         return len(self.layers)
 
     # -- building blocks -------------------------------------------------------------------
-    def _rope(self, start: int | torch.SymInt, length: int | torch.SymInt) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rope(self, start: int | torch.SymInt, length: int | torch.SymInt) -> tuple[torch.Tensor, ...]:
         """cos/sin [1, 1, length, head_dim] for positions start .. start+length-1 (no gather)."""
         positions = torch.arange(length, dtype=torch.float32, device=self.inv_freq.device) + start
         freqs = positions[:, None] * self.inv_freq[None, :]
@@ -133,6 +139,13 @@ class CausalLMWithCache(nn.Module):
         hidden = hidden + mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
         return hidden, k, v
 
+    @staticmethod
+    def _causal_mask(start: int | torch.SymInt, length: int | torch.SymInt, dtype: torch.dtype) -> torch.Tensor:
+        """Additive [1, 1, length, start+length] mask from position comparisons (no indexing)."""
+        queries = torch.arange(length) + start
+        keys = torch.arange(start + length)
+        return ((keys[None, :] > queries[:, None]).to(dtype) * MASK_VALUE)[None, None]
+
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(hidden))
 
@@ -142,9 +155,7 @@ class CausalLMWithCache(nn.Module):
         length = input_ids.shape[1]
         hidden = self.embed_tokens(input_ids)
         cos, sin = self._rope(0, length)
-        positions = torch.arange(length, device=input_ids.device)
-        future = positions[None, :] > positions[:, None]  # [S, S], True above the diagonal
-        mask = (future.to(hidden.dtype) * MASK_VALUE)[None, None]
+        mask = self._causal_mask(0, length, hidden.dtype)
         cache: list[torch.Tensor] = []
         for layer in self.layers:
             hidden, k, v = self._layer(layer, hidden, cos, sin, mask, None, None)
@@ -152,15 +163,21 @@ class CausalLMWithCache(nn.Module):
         return (self._head(hidden), *cache)
 
     def decode(self, input_ids: torch.Tensor, *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """One new token after ``past`` (k_0, v_0, k_1, ...); its position is the past length."""
+        """New tokens after ``past`` (k_0, v_0, k_1, ...); positions start at the past length.
+
+        The usual graph has one token (``input_ids`` [1, 1]): a single query may attend to every
+        past position and itself, so it has no mask. A longer chunk gets the causal mask (the
+        branch is on a static shape, so each exported graph holds one path).
+        """
         if len(past) != 2 * self.num_layers:
             raise ValueError(f"decode needs {2 * self.num_layers} past tensors, got {len(past)}")
         hidden = self.embed_tokens(input_ids)
-        cos, sin = self._rope(past[0].shape[2], input_ids.shape[1])
+        start, length = past[0].shape[2], input_ids.shape[1]
+        cos, sin = self._rope(start, length)
+        mask = None if length == 1 else self._causal_mask(start, length, hidden.dtype)
         cache: list[torch.Tensor] = []
-        # A single query may attend to every past position and itself: no mask needed.
         for index, layer in enumerate(self.layers):
-            hidden, k, v = self._layer(layer, hidden, cos, sin, None, past[2 * index], past[2 * index + 1])
+            hidden, k, v = self._layer(layer, hidden, cos, sin, mask, past[2 * index], past[2 * index + 1])
             cache += [k, v]
         return (self._head(hidden), *cache)
 

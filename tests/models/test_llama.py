@@ -89,6 +89,17 @@ def test_decode_token_by_token_equals_full_sequence(hf: LlamaForCausalLM) -> Non
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-4, rtol=1e-4)
 
 
+def test_decode_of_a_chunk_is_causal(hf: LlamaForCausalLM) -> None:
+    tokens = ids(12, seed=4)
+    model = CausalLMWithCache(hf)
+    with torch.no_grad():
+        full = model(tokens)
+        _, *cache = model.prefill(tokens[:, :7])
+        chunk, *cache = model.decode(tokens[:, 7:], *cache)
+    torch.testing.assert_close(chunk, full[:, 7:], atol=1e-4, rtol=1e-4)
+    assert cache[0].shape[2] == 12
+
+
 @pytest.mark.parametrize("n", [1, 2])
 def test_truncated_model_equals_transformers_cut_at_layer(hf: LlamaForCausalLM, n: int) -> None:
     tokens = ids(9)

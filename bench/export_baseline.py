@@ -1,0 +1,121 @@
+"""fp32 vs ptq-int8 for the zoo: quality on real data, runtime latency ratio, file size ratio.
+
+Both bundles are exported in this process; their latencies are then measured interleaved in the
+same process (onnxruntime for .onnx, the ExecuTorch runtime for .pte), so the ratios compare like
+with like on whatever machine runs this. Usage: python bench/export_baseline.py [--models a,b]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from edgekit import pipeline, runtime
+from edgekit.calibrate import calibration_inputs
+from edgekit.errors import EdgekitError
+from edgekit.models import load as load_model
+
+MODELS = ["fmnist-cnn", "mobilenetv2", "minilm-l6", "smollm2-135m"]
+RESULTS = Path(__file__).parent / "results" / "export_baseline.json"
+
+
+def interleaved_latency(bundles: dict[str, Path], fmt: str, feeds: dict[str, np.ndarray], rounds: int = 5) -> dict:
+    sessions = {name: runtime.load(path, fmt) for name, path in bundles.items()}
+    medians: dict[str, list[float]] = {name: [] for name in sessions}
+    for _ in range(rounds):
+        for name, session in sessions.items():
+            graph = session.graph("prefill" if "prefill" in session.graphs else "main")
+            medians[name].append(session.latency_ms(pipeline._fit_to_graph(feeds, graph), repeats=5, warmup=1))
+    return {name: float(np.median(values)) for name, values in medians.items()}
+
+
+def bench_model(name: str, work: Path, eval_samples: int) -> dict:
+    row: dict = {"model": name}
+    bundles: dict[str, Path] = {}
+    for recipe in ("fp32", "ptq-int8"):
+        out = work / f"{name}-{recipe}"
+        started = time.perf_counter()
+        plan = pipeline.plan_export(
+            f"zoo:{name}", recipe, "x86-cpu-onnxruntime", out, "all", baseline=False, eval_samples=eval_samples
+        )
+        try:
+            result = pipeline.run_export(plan)
+        except EdgekitError as error:  # e.g. a format the model does not lower to: record, go on
+            row[recipe] = {"error": str(error)}
+            continue
+        bundles[recipe] = out
+        row[recipe] = {
+            "export_seconds": time.perf_counter() - started,
+            **{
+                fmt: {
+                    "bytes": entry["bytes"],
+                    "quality": entry["quality"],
+                    "sqnr_vs_float_db": entry["verification"]["runtime_vs_float"]["sqnr_db"],
+                }
+                for fmt, entry in result.report["formats"].items()
+            },
+        }
+    if len(bundles) == 2:
+        bundle = load_model(f"zoo:{name}")
+        feeds = calibration_inputs(bundle, None, 1, seq_len=128, split="eval")[0]
+        for fmt in ("onnx", "pte"):
+            if fmt in row["fp32"] and fmt in row["ptq-int8"]:
+                latency = interleaved_latency(bundles, fmt, feeds)
+                row[f"{fmt}_latency_ms"] = latency
+                row[f"{fmt}_latency_ratio_int8_fp32"] = latency["ptq-int8"] / latency["fp32"]
+                row[f"{fmt}_size_ratio_int8_fp32"] = row["ptq-int8"][fmt]["bytes"] / row["fp32"][fmt]["bytes"]
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--eval-samples", type=int, default=64)
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="edgekit-bench-") as tmp:
+        for name in args.models.split(","):
+            print(f"== {name}", file=sys.stderr)
+            rows.append(bench_model(name, Path(tmp), args.eval_samples))
+            RESULTS.parent.mkdir(parents=True, exist_ok=True)
+            RESULTS.write_text(json.dumps({"rows": rows}, indent=2))
+    header = ("model", "metric", "fp32", "int8 onnx", "int8 pte", "ort lat ×", "et lat ×", "onnx size ×", "pte size ×")
+    print(" | ".join(header))
+    for row in rows:
+        fp32, int8 = row.get("fp32", {}), row.get("ptq-int8", {})
+        quality = (fp32.get("onnx") or {}).get("quality", {})
+
+        def q(entry: dict, fmt: str) -> str:
+            value = (entry.get(fmt) or {}).get("quality", {}).get("export")
+            return "-" if value is None else f"{value:.4g}"
+
+        def r(key: str, row: dict = row) -> str:
+            value = row.get(key)
+            return "-" if value is None else f"{value:.3f}"
+
+        print(
+            " | ".join(
+                [
+                    row["model"],
+                    quality.get("metric", "-"),
+                    q(fp32, "onnx"),
+                    q(int8, "onnx"),
+                    q(int8, "pte"),
+                    r("onnx_latency_ratio_int8_fp32"),
+                    r("pte_latency_ratio_int8_fp32"),
+                    r("onnx_size_ratio_int8_fp32"),
+                    r("pte_size_ratio_int8_fp32"),
+                ]
+            )
+        )
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

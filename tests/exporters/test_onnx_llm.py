@@ -1,0 +1,158 @@
+"""Causal LM export: prefill + decode graphs with a KV cache, sharing one weights file."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from edgekit.evaluate import sqnr_db
+from edgekit.exporters.onnx import WEIGHTS_FILE, export_onnx
+from edgekit.exporters.onnx_ops import onnx_op_stats
+from edgekit.exporters.verify import compare, greedy_generate, onnx_session
+from edgekit.models.bundle import ModelBundle
+from edgekit.models.llama import CausalLMWithCache
+from edgekit.quantize.spec import QuantSpec
+
+LAYERS = 2
+
+
+@pytest.fixture(scope="module")
+def lm_bundle() -> ModelBundle:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=96,
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+    )
+    hf = LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # sharper logits than the init gives, so greedy choices are decisive
+        hf.lm_head.weight.mul_(8.0)
+    module = CausalLMWithCache(hf).eval()
+    return ModelBundle(
+        spec="test:tiny-llama",
+        module=module,
+        example_inputs={"input_ids": torch.randint(0, 96, (1, 8))},
+        task="causal-lm",
+        output_names=["logits"],
+        dynamic_axes={"input_ids": {1: "sequence"}},
+    )
+
+
+@pytest.fixture(scope="module")
+def lm_fp32(lm_bundle, tmp_path_factory):
+    return export_onnx(lm_bundle, tmp_path_factory.mktemp("lm-fp32"))
+
+
+@pytest.fixture(scope="module")
+def lm_q8(lm_bundle, tmp_path_factory):
+    generator = torch.Generator().manual_seed(5)
+    calib = [{"input_ids": torch.randint(0, 96, (1, 24), generator=generator).numpy()} for _ in range(8)]
+    return export_onnx(lm_bundle.replace(quant=QuantSpec()), tmp_path_factory.mktemp("lm-q8"), calib)
+
+
+def torch_greedy(module: CausalLMWithCache, ids: np.ndarray, steps: int) -> list[int]:
+    with torch.no_grad():
+        outputs = module.prefill(torch.from_numpy(ids))
+        tokens = []
+        for _ in range(steps):
+            token = int(outputs[0][0, -1].argmax())
+            tokens.append(token)
+            outputs = module.decode(torch.tensor([[token]]), *outputs[1:])
+    return tokens
+
+
+def _external_bytes(path) -> int:
+    model = onnx.load(str(path), load_external_data=False)
+    total = 0
+    for init in model.graph.initializer:
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            entries = {e.key: e.value for e in init.external_data}
+            assert entries["location"] == WEIGHTS_FILE
+            total += int(entries["length"])
+    return total
+
+
+def test_graph_interfaces(lm_fp32):
+    assert sorted(p.name for p in lm_fp32.files) == ["decode.onnx", "prefill.onnx", WEIGHTS_FILE]
+    prefill, decode = lm_fp32.graphs["prefill"], lm_fp32.graphs["decode"]
+    assert [t.name for t in prefill.inputs] == ["input_ids"]
+    assert prefill.inputs[0].shape == [1, "sequence"] and prefill.inputs[0].dtype == "int64"
+    presents = [f"present.{i}.{kind}" for i in range(LAYERS) for kind in ("key", "value")]
+    assert [t.name for t in prefill.outputs] == ["logits", *presents]
+    assert prefill.outputs[1].shape == [1, 2, "sequence", 8]
+    assert [t.name for t in decode.inputs] == ["input_ids", *[p.replace("present", "past") for p in presents]]
+    assert decode.inputs[1].shape == [1, 2, "past_sequence", 8]
+    assert decode.outputs[0].shape == [1, 1, 96]
+    assert [t.name for t in decode.outputs] == ["logits", *presents]
+
+
+def test_fp32_prefill_matches_torch(lm_bundle, lm_fp32):
+    session = onnx_session(lm_fp32.graphs["prefill"].path)
+    for length in (3, 17):
+        ids = np.random.default_rng(length).integers(0, 96, (1, length))
+        with torch.no_grad():
+            reference = lm_bundle.module.prefill(torch.from_numpy(ids))
+        outputs = session.run(None, {"input_ids": ids})
+        for got, want in zip(outputs, reference, strict=True):
+            np.testing.assert_allclose(got, want.numpy(), atol=1e-5, rtol=1e-4)
+
+
+def test_fp32_greedy_decode_equals_torch(lm_bundle, lm_fp32):
+    prefill = onnx_session(lm_fp32.graphs["prefill"].path)
+    decode = onnx_session(lm_fp32.graphs["decode"].path)
+    seen = set()
+    for seed in range(3):
+        ids = np.random.default_rng(seed).integers(0, 96, (1, 3 + 2 * seed))
+        expected = torch_greedy(lm_bundle.module, ids, 10)
+        assert greedy_generate(prefill, decode, ids, 10) == expected
+        seen.update(expected)
+    assert len(seen) > 1  # generations differ between prompts: the comparison has teeth
+
+
+def test_graphs_share_one_weights_file(lm_bundle, lm_fp32):
+    weights = (lm_fp32.out_dir / WEIGHTS_FILE).stat().st_size
+    parameter_bytes = 4 * lm_bundle.parameter_count()
+    prefill = _external_bytes(lm_fp32.graphs["prefill"].path)
+    decode = _external_bytes(lm_fp32.graphs["decode"].path)
+    # each graph references (nearly) all the weights, the file holds them once
+    assert prefill > 0.9 * parameter_bytes and decode > 0.9 * parameter_bytes
+    assert weights < 1.25 * parameter_bytes < prefill + decode
+    for graph in lm_fp32.graphs.values():
+        assert graph.path.stat().st_size < 0.5 * weights
+
+
+def test_qdq_lm_runs_in_integer_and_tracks_torch(lm_bundle, lm_q8):
+    for role, shapes in (("prefill", {"input_ids": (1, 8)}), ("decode", {"input_ids": (1, 1)})):
+        stats = onnx_op_stats(lm_q8.graphs[role].path, shapes)
+        matmuls = [row for row in stats if row.op_type == "MatMul"]
+        assert matmuls and all(row.integer and row.activation_bits == 8 for row in matmuls)
+        assert sum(row.count for row in matmuls if row.weight_bits == 8) == 7 * LAYERS + 1
+    fp32_weights = 4 * lm_bundle.parameter_count()
+    assert (lm_q8.out_dir / WEIGHTS_FILE).stat().st_size < 0.4 * fp32_weights
+    assert lm_q8.quantization["decode_steps"] >= 8
+
+    ids = np.random.default_rng(1).integers(0, 96, (1, 12))
+    prefill = onnx_session(lm_q8.graphs["prefill"].path)
+    decode = onnx_session(lm_q8.graphs["decode"].path)
+    with torch.no_grad():
+        reference = lm_bundle.module.prefill(torch.from_numpy(ids))
+        step = lm_bundle.module.decode(torch.tensor([[7]]), *reference[1:])
+    outputs = prefill.run(None, {"input_ids": ids})
+    assert compare(reference[0].numpy(), outputs[0], "causal-lm")["sqnr_db"] > 15.0
+    feed = {"input_ids": np.array([[7]])}
+    feed.update({f"past.{i // 2}.{('key', 'value')[i % 2]}": t.numpy() for i, t in enumerate(reference[1:])})
+    decoded = decode.run(None, feed)
+    assert sqnr_db(step[0].numpy(), decoded[0]) > 15.0
+    assert decoded[1].shape == (1, 2, 13, 8)
+    # the quantized pair still generates through its own KV cache
+    tokens = greedy_generate(prefill, decode, ids, 6)
+    assert len(tokens) == 6 and all(0 <= t < 96 for t in tokens)

@@ -1,0 +1,114 @@
+"""The ptq transform: pt2e + XNNPACKQuantizer static int8, and the graph passes that keep it lowerable."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torchao.quantization.pt2e  # noqa: F401  (registers the quantized_decomposed ops)
+from torch import nn
+
+from edgekit import recipes
+from edgekit.errors import EdgekitError
+from edgekit.evaluate import sqnr_db
+from edgekit.models.bundle import ModelBundle
+from edgekit.quantize import ptq
+from edgekit.quantize.spec import QuantSpec
+
+DQ_CHANNEL = torch.ops.quantized_decomposed.dequantize_per_channel.default
+Q_TENSOR = torch.ops.quantized_decomposed.quantize_per_tensor.default
+
+
+def _outputs(module: torch.nn.Module, data: list[dict[str, np.ndarray]]) -> np.ndarray:
+    with torch.no_grad():
+        outs = [module(**{k: torch.from_numpy(v) for k, v in d.items()}).numpy() for d in data]
+    return np.concatenate(outs)
+
+
+@pytest.fixture(scope="module")
+def quantized(small_conv: ModelBundle, calibration) -> ModelBundle:
+    return ptq.apply(small_conv, calibration(32), ptq.Config(samples=16))
+
+
+def test_simulated_is_close_to_float_but_really_quantized(small_conv, quantized, calibration) -> None:
+    data = calibration(16)
+    reference, simulated = _outputs(small_conv.module, data), _outputs(quantized.simulated, data)
+    assert sqnr_db(reference, simulated) > 25.0
+    assert np.abs(reference - simulated).max() > 1e-4  # int8 rounding is visible
+    assert quantized.meta["ptq"]["samples_used"] == 16
+    assert quantized.meta["pt2e_program"] is quantized.simulated
+    assert small_conv.quant is None and small_conv.simulated is None  # the input bundle is untouched
+
+
+def test_plan_and_graph_are_int8(quantized: ModelBundle) -> None:
+    assert quantized.quant == QuantSpec(weight_bits=8, weight_per_channel=True, activation_bits=8, samples=16)
+    nodes = list(quantized.simulated.graph.nodes)
+    assert sum(n.target == DQ_CHANNEL for n in nodes) == 2  # conv and linear weights, per channel
+    assert all(n.args[-1] == torch.int8 for n in nodes if n.target == Q_TENSOR)
+    assert quantized.meta["ptq"]["quantized_ops"]["aten.conv2d"] == 1
+
+
+def test_per_tensor_weights_and_histogram_calibration(small_conv, quantized, calibration) -> None:
+    per_tensor = ptq.apply(small_conv, calibration(8), ptq.Config(per_channel=False, calibration="histogram"))
+    assert not any(n.target == DQ_CHANNEL for n in per_tensor.simulated.graph.nodes)
+    assert per_tensor.quant.calibration == "histogram" and not per_tensor.quant.weight_per_channel
+    data = calibration(4, seed=1)
+    assert not np.array_equal(_outputs(per_tensor.simulated, data), _outputs(quantized.simulated, data))
+
+
+def test_config_and_data_errors(small_conv: ModelBundle, calibration) -> None:
+    data = calibration(2)
+    with pytest.raises(EdgekitError, match="8-bit"):
+        ptq.apply(small_conv, data, ptq.Config(weight_bits=4))
+    with pytest.raises(EdgekitError, match="calibration must be"):
+        ptq.apply(small_conv, data, ptq.Config(calibration="entropy"))
+    with pytest.raises(EdgekitError, match="needs calibration data"):
+        ptq.apply(small_conv, [], ptq.Config())
+    with pytest.raises(EdgekitError, match="missing pixels"):
+        ptq.apply(small_conv, [{"image": data[0]["pixels"]}], ptq.Config())
+    with pytest.raises(EdgekitError, match=r"shape \[1, 3, 8, 8\]"):
+        ptq.apply(small_conv, [{"pixels": np.zeros((1, 3, 8, 8), np.float32)}], ptq.Config())
+    with pytest.raises(EdgekitError, match="NaN"):
+        ptq.apply(small_conv, [{"pixels": np.full((1, 3, 12, 12), np.nan, np.float32)}], ptq.Config())
+
+
+def test_recipe_loads_with_overrides() -> None:
+    recipe = recipes.load("ptq-int8")
+    assert recipe.transform == "ptq" and isinstance(recipe.settings, ptq.Config)
+    assert recipe.settings.samples == 64 and recipe.settings.per_channel
+    assert 0 < recipe.verify.min_sqnr_db < 40 and 0.9 <= recipe.verify.min_top1_agreement <= 1.0
+    tuned = recipes.load("ptq-int8", {"samples": "8", "calibration": "histogram", "verify.min_sqnr_db": "20"})
+    assert (tuned.settings.samples, tuned.settings.calibration) == (8, "histogram")
+    assert tuned.verify.min_sqnr_db == 20.0
+
+
+class RotateHalf(nn.Module):
+    """RoPE-like rotate-half: slices whose int8 output must take the cat's (wider) scale, then a
+    no-op cast as transformers' RMSNorm does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(16, 16), nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x)
+        return self.b(torch.cat((y[..., 8:] * -4.0, y[..., :8]), dim=-1).to(torch.float32))
+
+
+def test_graph_rewrites_are_exact() -> None:
+    """The XNNPACK rewrites change the graph the delegate sees, never the numbers."""
+    torch.manual_seed(0)
+    net = RotateHalf().eval()
+    example = {"x": torch.randn(2, 16)}
+    spec = ptq.spec_from_config(ptq.Config())
+    data = [{"x": np.random.default_rng(i).standard_normal((2, 16)).astype(np.float32)} for i in range(4)]
+    rewritten = ptq.quantize_program(net, example, data, spec)
+    plain = ptq.quantize_program(net, example, data, spec, xnnpack_rewrites=False)
+    assert "aten.to.dtype" in {str(n.target) for n in plain.graph.nodes}
+    assert "aten.to.dtype" not in {str(n.target) for n in rewritten.graph.nodes}
+    assert ptq.requantize_before_copies(rewritten) == 0  # already done, and idempotent
+    # both slices: one feeds the cat (the cat's wider scale), one the mul (its own input observer)
+    assert ptq.requantize_before_copies(plain) == 2
+    for d in data:
+        x = torch.from_numpy(d["x"])
+        assert torch.equal(rewritten(x=x), plain(x=x))
