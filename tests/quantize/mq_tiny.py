@@ -34,3 +34,7 @@ def tiny_llama(layers: int = 2) -> CausalLMWithCache:
 def calib(count: int = 6, length: int = 24) -> list[dict[str, np.ndarray]]:
     rng = np.random.default_rng(3)
     return [{"input_ids": rng.integers(0, 101, (1, length), dtype=np.int64)} for _ in range(count)]
+
+
+def ids_from(feed: dict[str, np.ndarray]) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(feed["input_ids"]), dtype=torch.long).reshape(1, -1)
