@@ -181,6 +181,8 @@ class QuantLlama(CausalLMWithCache):
             self.wquant.append(nn.ModuleDict(quants))
         # the head is not reached by the hidden-state loss: per-channel MinMax, no clipping to learn
         self.head_wquant = WeightQuant(self.lm_head.out_features, 8 if bits.weight == 8 else 4, True, learn=False)
+        for parameter in self.parameters():  # the optimiser switches on what it trains
+            parameter.requires_grad_(False)
         self.folded = False
         self.recorder: dict[str, torch.Tensor] | None = None
         self.set_quant(weights=False, acts=False)
