@@ -56,7 +56,8 @@ def onnx_facts(directory: Path, result) -> dict:
 
     size = sum(p.stat().st_size for p in directory.iterdir() if p.is_file())
     prefill = result.graphs["prefill"].path
-    verdict = check(onnx_op_stats(prefill), size, None, DEVICE, "onnx")
+    quantized = result.precision == "qdq"
+    verdict = check(onnx_op_stats(prefill), size, None, DEVICE, "onnx-qdq" if quantized else "onnx")
     return {
         "bytes": size,
         "integer_coverage_count": verdict.integer_coverage_count,

@@ -59,5 +59,7 @@ def test_two_layer_smollm2_through_the_recipe(sliced, tmp_path) -> None:
     assert sqnr_db(simulated, logits) > 20.0
 
     size = sum(p.stat().st_size for p in (tmp_path / "qdq").iterdir())
-    verdict = check(onnx_op_stats(prefill), size, None, "snapdragon-8gen3-npu", "onnx")
-    assert verdict.integer_coverage_count is not None and verdict.integer_coverage_count > 0.9
+    for role in ("prefill", "decode"):
+        verdict = check(onnx_op_stats(result.graphs[role].path), size, None, "snapdragon-8gen3-npu", "onnx-qdq")
+        assert verdict.passed, (role, verdict.reasons)
+        assert verdict.integer_coverage_count == 1.0 and verdict.integer_coverage_flops == 1.0, role
