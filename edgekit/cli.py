@@ -26,6 +26,10 @@ devices_app = typer.Typer(help="Device profiles of real NPUs and mobile CPUs.", 
 app.add_typer(zoo_app, name="zoo")
 app.add_typer(recipes_app, name="recipes")
 app.add_typer(devices_app, name="devices")
+cloud_app = typer.Typer(help="The CEMA cloud adaptation service.", no_args_is_help=True)
+token_app = typer.Typer(help="Issue and revoke per-device tokens.", no_args_is_help=True)
+cloud_app.add_typer(token_app, name="token")
+app.add_typer(cloud_app, name="cloud")
 
 console = Console()
 
@@ -277,6 +281,106 @@ def devices_show(name: Annotated[str, typer.Argument(help="device profile name")
     for field_name, value, source in profile.rows():
         table.add_row(field_name, value, source)
     console.print(table)
+
+
+# -- CEMA: edge daemon and cloud service -------------------------------------------------------------
+@app.command("adapt")
+def adapt(
+    bundle: Annotated[Path, typer.Argument(help="adaptable bundle (edgekit cloud bundle)")],
+    server: Annotated[str, typer.Option("--server", help="cloud URL, e.g. http://127.0.0.1:8470")],
+    token: Annotated[str, typer.Option("--token", help="this device's token (edgekit cloud token issue)")],
+    stream: Annotated[str, typer.Option("--stream", help="fmnist-c:CORRUPTION:SEVERITY[:N], a folder, or -")],
+    device: Annotated[str, typer.Option("--device", help="device id the token was issued for")] = "edge-0",
+    state: Annotated[Path, typer.Option("--state", help="queue and applied parameters live here")] = Path(
+        ".edgekit-adapt"
+    ),
+    batch: Annotated[int, typer.Option("--batch")] = 64,
+    rate: Annotated[float | None, typer.Option("--rate", help="frames per second (default: unpaced)")] = None,
+    flush_s: Annotated[float, typer.Option("--flush-seconds", help="upload time granted at stop")] = 5.0,
+) -> None:
+    """Run the CEMA cloud-edge adaptation daemon on a stream (stops cleanly on Ctrl-C / SIGTERM)."""
+    import json
+    import signal
+    import threading
+
+    from edgekit.runtime.adapt import run_adaptation
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    report = run_adaptation(
+        bundle,
+        server,
+        token,
+        device,
+        stream,
+        state,
+        batch=batch,
+        stop=stop,
+        log=lambda line: console.print(line, markup=False, highlight=False),
+        rate=rate,
+        flush_s=flush_s,
+    )
+    summary = report.to_dict()
+    summary.pop("accuracy_log")
+    console.print(json.dumps(summary), markup=False, highlight=False)
+
+
+@cloud_app.command("serve")
+def cloud_serve(
+    teacher: Annotated[str, typer.Option("--teacher", help="foundation model spec, e.g. zoo:fmnist-foundation")],
+    student: Annotated[str, typer.Option("--student", help="edge model spec, e.g. zoo:fmnist-edge")],
+    db: Annotated[Path, typer.Option("--db", help="SQLite state file")],
+    host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port")] = 8470,
+) -> None:
+    """Serve CEMA: receive edge samples, adapt the foundation model, distil the student's norm layers."""
+    from edgekit.cloud.server import serve
+
+    serve(teacher, student, str(db), host, port)
+
+
+@cloud_app.command("bundle")
+def cloud_bundle(
+    student: Annotated[str, typer.Argument(help="edge model spec, e.g. zoo:fmnist-edge")],
+    out: Annotated[Path, typer.Argument(help="bundle directory to write")],
+    force: Annotated[bool, typer.Option("--force", help="replace an existing directory")] = False,
+) -> None:
+    """Export a student as an adaptable edge bundle (norm parameters as ONNX graph inputs)."""
+    from edgekit.cloud.export import export_adaptable
+    from edgekit.models.sources import load
+
+    path = export_adaptable(load(student), out, overwrite=force)
+    console.print(f"wrote {path}")
+
+
+@token_app.command("issue")
+def token_issue(
+    device: Annotated[str, typer.Argument(help="device id")],
+    db: Annotated[Path, typer.Option("--db", help="the service's SQLite state file")],
+) -> None:
+    """Issue a new token for a device (printed once; only its hash is stored)."""
+    from edgekit.cloud.store import Store
+    from edgekit.runtime.wire import CLIENT_PATTERN
+
+    if not CLIENT_PATTERN.match(device):
+        raise EdgekitError("device ids are 1-64 letters, digits, '-' or '_'")
+    store = Store(db)
+    print(store.issue_token(device))
+    store.close()
+
+
+@token_app.command("revoke")
+def token_revoke(
+    device: Annotated[str, typer.Argument(help="device id")],
+    db: Annotated[Path, typer.Option("--db", help="the service's SQLite state file")],
+) -> None:
+    """Revoke every live token of a device."""
+    from edgekit.cloud.store import Store
+
+    store = Store(db)
+    console.print(f"revoked {store.revoke(device)} token(s) of {device}")
+    store.close()
 
 
 def main() -> None:

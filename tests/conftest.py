@@ -63,3 +63,9 @@ def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> sub
         cwd=cwd or REPO,
         timeout=900,
     )
+
+
+@pytest.fixture(scope="session")
+def edgekit_cli():
+    """``edgekit_cli(*args, cwd=..., env=...)`` runs the real CLI in a subprocess."""
+    return run_cli

@@ -120,9 +120,9 @@ def calibration_inputs(
             if bundle.preprocess is None:
                 raise EdgekitError(f"model {bundle.spec} has no preprocessing for data set '{name}'")
             samples = [_to_numpy(bundle.preprocess(raw)) for raw in raws[:count]]
+    elif not path.exists() and (path.suffix or "/" in name):
+        raise EdgekitError(f"no such calibration data: {name}")
     elif path.suffix in (".npz", ".npy") or path.is_dir():
-        if not path.exists():
-            raise EdgekitError(f"no such calibration data: {name}")
         samples = _from_arrays(bundle, path)[:count]
     elif path.is_file():
         lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]

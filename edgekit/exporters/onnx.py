@@ -5,12 +5,14 @@ Why it is built this way:
 - Graphs come from ``torch.onnx.export(dynamo=True)`` at opset 21, the first opset whose standard
   ``QuantizeLinear``/``DequantizeLinear`` carry uint16/int16 and int4, so 16-bit activations and 4-bit
   weights need no ``com.microsoft`` contrib ops, and an opset the QNN execution provider accepts.
-  Later opsets add fused ``Attention``/``RMSNormalization`` nodes the ORT quantizer cannot annotate.
+  Later opsets bring fused ``Attention``/``RMSNormalization`` nodes the ORT quantizer does not know.
 - QDQ follows :class:`~edgekit.quantize.spec.QuantSpec`: ``quant_pre_process`` (shape inference and
   graph optimisation), then one calibration pass whose ranges edgekit inspects and fixes before
   ``quantize_static`` writes them (via ORT's calibration cache, so nothing is calibrated twice).
-  Every op type in the graph is quantized (full-integer, what an NPU needs); fixed ranges a
-  transform learned go in as ``TensorQuantOverrides`` and are written exactly as given.
+  Every op type in the graph is quantized (full-integer, what an NPU needs) except
+  ``spec.float_ops`` and the subgraphs computed from input shapes alone (positions, RoPE tables,
+  masks: constants once shapes are fixed); fixed ranges a transform learned go in as
+  ``TensorQuantOverrides`` (by tensor name or module path) and are written exactly as given.
 - Causal LMs with a KV cache become two graphs, ``prefill.onnx`` and ``decode.onnx``, whose weights
   live once in ``weights.bin``: initializers with identical bytes are stored at one offset that
   both graphs reference.
@@ -599,7 +601,7 @@ def quantize_qdq(
 
     if _name_nodes(model):
         onnx.save_model(model, str(pre))  # the quantizer selects nodes by name
-    present = {node.op_type for node in model.graph.node} - _NOT_QUANTIZED
+    present = {node.op_type for node in model.graph.node} - _NOT_QUANTIZED - set(spec.float_ops)
     op_types = sorted(present if op_types is None else present & set(op_types))
     excluded = sorted(shape_only_nodes(model))
     # ORT folds a Relu/Clip into the range of the tensor before it (better for accuracy), which
@@ -658,6 +660,7 @@ def quantize_qdq(
             extra_options=extra_options,
             calibration_cache_path=str(cache),
         )
+    _restore_metadata(out_path, exported)
     summary = {
         "weight_bits": spec.weight_bits,
         "weight_per_channel": spec.weight_per_channel,
@@ -666,11 +669,22 @@ def quantize_qdq(
         "calibration": spec.calibration,
         "samples": len(feeds),
         "sixteen_bit_ops": sorted(spec.sixteen_bit_ops),
+        "float_ops": sorted(spec.float_ops),
         "fixed_overrides": sorted(fixed),
         "quantized_op_types": op_types,
         "shape_only_nodes": len(excluded),
     }
     return summary, notes
+
+
+def _restore_metadata(path: Path, exported: onnx.ModelProto) -> None:
+    """Put the exporter's per-node metadata (module scopes) back: pre-processing drops it."""
+    meta = {node.name: list(node.metadata_props) for node in exported.graph.node if node.metadata_props}
+    model = onnx.load(str(path), load_external_data=False)
+    for node in model.graph.node:
+        if node.name in meta and not node.metadata_props:
+            node.metadata_props.extend(meta[node.name])
+    onnx.save_model(model, str(path))
 
 
 def _name_nodes(model: onnx.ModelProto) -> bool:

@@ -67,6 +67,20 @@ ZOO: dict[str, ZooEntry] = {
             "VGG-style ANN trained here on Fashion-MNIST; the spiking recipe starts from it",
             "edgekit.models.fmnist:load_vgg",
         ),
+        ZooEntry(
+            "fmnist-edge",
+            "classifier",
+            "fashion-mnist",
+            "CEMA edge student: small CNN with BatchNorm (3 conv-BN blocks), trained here, cached",
+            "edgekit.models.fmnist_cema:load_edge",
+        ),
+        ZooEntry(
+            "fmnist-foundation",
+            "classifier",
+            "fashion-mnist",
+            "CEMA cloud foundation model: VGG-style CNN trained here with augmentation, cached",
+            "edgekit.models.fmnist_cema:load_foundation",
+        ),
     ]
 }
 

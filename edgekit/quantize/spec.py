@@ -30,6 +30,8 @@ class QuantSpec:
     calibration: Literal["minmax", "percentile", "entropy"] = "minmax"
     # ops whose *outputs* use 16-bit activations (e.g. {"Softmax", "LayerNormalization"})
     sixteen_bit_ops: frozenset[str] = frozenset()
+    # op types left in float: fine on CPU/GPU runtimes, a reported float island on integer NPUs
+    float_ops: frozenset[str] = frozenset()
     # activation tensor name -> fixed quantization (names are the exported graph's)
     overrides: dict[str, TensorOverride] = field(default_factory=dict)
     # module name patterns that keep per-channel weights even when weight_per_channel is False

@@ -23,9 +23,7 @@ def write_idx(path: Path, array: np.ndarray, *, truncate: int = 0, magic_type: i
     return path
 
 
-def tiny_dataset(
-    directory: Path, n: int = 4, labels: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray]:
+def tiny_dataset(directory: Path, n: int = 4, labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
     labels = np.arange(n) % 10 if labels is None else labels

@@ -49,9 +49,7 @@ def test_real_articles_split_by_title_without_overlap() -> None:
     assert all(split_of(i.name) == "eval" for i in evaluation)
     anarchism = next(i for i in calib + evaluation if i.name == "Anarchism")
     assert anarchism.raw.startswith("Anarchism is a political philosophy")
-    clean = [
-        i for i in calib + evaluation if "{{" not in i.raw and "<ref" not in i.raw and "'''" not in i.raw
-    ]
+    clean = [i for i in calib + evaluation if "{{" not in i.raw and "<ref" not in i.raw and "'''" not in i.raw]
     assert len(clean) >= 0.95 * (len(calib) + len(evaluation))
     assert [i.name for i in items("wikipedia", "eval", 3)] == [i.name for i in evaluation[:3]]
 

@@ -116,9 +116,7 @@ def test_executorch_names_and_delegation() -> None:
 
 
 def test_float_ops_on_the_neural_engine_run_in_fp16() -> None:
-    result = check(
-        [OpStat("Conv", 5, False, None, None, 1e9, 1e6)], MiB, MiB, "apple-a17pro-ane", "mlpackage"
-    )
+    result = check([OpStat("Conv", 5, False, None, None, 1e9, 1e6)], MiB, MiB, "apple-a17pro-ane", "mlpackage")
     assert result.passed and result.ops[0].runs_as == "fp16"
     assert result.integer_coverage_count == 0.0
 
@@ -176,9 +174,7 @@ def _op_stats(model: onnx.ModelProto) -> list[OpStat]:
             continue
         sources = [producer.get(name) for name in node.input if name]
         integer = all(s is not None and s.op_type == "DequantizeLinear" for s in sources)
-        acts = [
-            _BITS[dtype[s.input[2]]] for s in sources if s and s.input[0] not in dtype and len(s.input) > 2
-        ]
+        acts = [_BITS[dtype[s.input[2]]] for s in sources if s and s.input[0] not in dtype and len(s.input) > 2]
         weights = [_BITS.get(dtype[s.input[0]]) for s in sources if s and s.input[0] in dtype]
         stats.append(OpStat(node.op_type, 1, integer, max(acts, default=None), max(weights, default=None)))
     return stats

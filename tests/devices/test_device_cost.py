@@ -120,12 +120,8 @@ def _tinyllama_prefill(act_bytes: int) -> list[OpStat]:
     return [
         OpStat("MatMul", layers * 7 + 1, True, bits, 8, 2.0 * seq * weights, weights + act_elems * act_bytes),
         OpStat("MatMul", layers * 2, True, 16, 16, 2.0 * attn_macs, layers * 3 * 32 * seq * seq * 2),
-        OpStat(
-            "Softmax", layers, True, 16, None, 5.0 * layers * 32 * seq * seq, layers * 2 * 32 * seq * seq * 2
-        ),
-        OpStat(
-            "SimplifiedLayerNormalization", 2 * layers + 1, True, 16, 16, 4.0 * seq * d * 45, seq * d * 45 * 4
-        ),
+        OpStat("Softmax", layers, True, 16, None, 5.0 * layers * 32 * seq * seq, layers * 2 * 32 * seq * seq * 2),
+        OpStat("SimplifiedLayerNormalization", 2 * layers + 1, True, 16, 16, 4.0 * seq * d * 45, seq * d * 45 * 4),
     ]
 
 

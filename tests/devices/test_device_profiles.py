@@ -162,9 +162,7 @@ def test_file_name_must_match_profile_name(tmp_path: Path) -> None:
 
 def test_no_device_names_in_code() -> None:
     """Checks and costs come from profile data: no module branches on a device's name."""
-    code = "".join(
-        p.read_text() for p in Path(load_profile("x86-cpu-onnxruntime").path).parents[1].glob("*.py")
-    )
+    code = "".join(p.read_text() for p in Path(load_profile("x86-cpu-onnxruntime").path).parents[1].glob("*.py"))
     for name in list_profiles():
         assert name not in code
     assert not re.search(r"(device|profile\.name|name)\s*==\s*['\"]", code)

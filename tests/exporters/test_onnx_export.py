@@ -16,7 +16,7 @@ from onnx_tiny_models import calibration, evaluation, torch_output
 
 from edgekit.errors import EdgekitError
 from edgekit.evaluate import sqnr_db
-from edgekit.exporters.onnx import export_onnx
+from edgekit.exporters.onnx import export_onnx, module_outputs, module_scopes
 from edgekit.exporters.onnx_ops import QDQ_OPS, onnx_op_stats
 from edgekit.exporters.verify import onnx_session
 from edgekit.quantize.spec import QuantSpec, TensorOverride
@@ -109,6 +109,23 @@ def test_sixteen_bit_ops_mix_precisions(tmp_path, bundles):
     assert sqnr_db(torch_output(bundle, feed), _run(export, feed)) > SQNR_FLOOR_8BIT["block"]
 
 
+def test_float_ops_stay_float_and_are_reported(tmp_path, bundles, exported):
+    """Norms and adds (residuals, biases) kept float: the float chain carries no Q/DQ inside.
+
+    A lone float op between quantized neighbours would still read DQ and feed Q, which an NPU
+    runs in integer; a chain of float ops is a real float island, and the table says so.
+    """
+    bundle = bundles["block"].replace(quant=QuantSpec(float_ops=frozenset({"LayerNormalization", "Add"})))
+    export = export_onnx(bundle, tmp_path, calibration(bundle))
+    stats = onnx_op_stats(export.main.path, {"tokens": (2, 6, 32)})
+    assert {row.op_type for row in stats if not row.integer} == {"LayerNormalization", "Add"}
+    assert all(row.integer for row in stats if row.op_type == "MatMul")
+    feed = evaluation(bundle)
+    reference = torch_output(bundle, feed)
+    _, full = exported("block", "q8")
+    assert sqnr_db(reference, _run(export, feed)) > sqnr_db(reference, _run(full, feed))
+
+
 def _q_params(path, tensor: str) -> list[tuple[np.ndarray, np.ndarray]]:
     """(scale, zero point) of every Q reading ``tensor`` and every DQ of those Qs' outputs."""
     model = onnx.load(str(path), load_external_data=False)
@@ -143,11 +160,10 @@ def test_tensor_overrides_are_written_exactly(tmp_path, bundles, exported):
     for got_scale, got_zero in params:
         assert got_scale.dtype == np.float32 and got_scale.item() == np.float32(scale)
         assert got_zero.dtype == np.uint8 and got_zero.item() == 3
-    fc2_out = next(n.output[0] for n in graph.node if n.name.endswith("linear_1") or "fc2" in n.name)
+    exported_graph = onnx.load(str(fp32.main.path))
+    fc2_out = module_outputs(exported_graph, module_scopes(exported_graph))["fc2"]
     fc2 = _q_params(export.main.path, fc2_out)
-    assert fc2 and all(
-        s.item() == np.float32(0.00042) and z.dtype == np.uint16 and z.item() == 30000 for s, z in fc2
-    )
+    assert fc2 and all(s.item() == np.float32(0.00042) and z.dtype == np.uint16 and z.item() == 30000 for s, z in fc2)
     assert sorted(export.quantization["fixed_overrides"]) == sorted({relu_out, fc2_out})
     assert np.isfinite(_run(export, evaluation(bundle))).all()
 

@@ -6,17 +6,20 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from onnx import numpy_helper
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from edgekit.evaluate import sqnr_db
-from edgekit.exporters.onnx import WEIGHTS_FILE, export_onnx
+from edgekit.exporters.onnx import WEIGHTS_FILE, export_onnx, module_outputs, module_scopes
 from edgekit.exporters.onnx_ops import onnx_op_stats
 from edgekit.exporters.verify import compare, greedy_generate, onnx_session
 from edgekit.models.bundle import ModelBundle
 from edgekit.models.llama import CausalLMWithCache
-from edgekit.quantize.spec import QuantSpec
+from edgekit.quantize.spec import QuantSpec, TensorOverride
 
 LAYERS = 2
+FIXED_MODULE = "layers.0.mlp.down_proj"
+FIXED = TensorOverride(bits=8, scale=0.0031, zero_point=131)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +59,8 @@ def lm_fp32(lm_bundle, tmp_path_factory):
 def lm_q8(lm_bundle, tmp_path_factory):
     generator = torch.Generator().manual_seed(5)
     calib = [{"input_ids": torch.randint(0, 96, (1, 24), generator=generator).numpy()} for _ in range(8)]
-    return export_onnx(lm_bundle.replace(quant=QuantSpec()), tmp_path_factory.mktemp("lm-q8"), calib)
+    plan = QuantSpec(overrides={FIXED_MODULE: FIXED})  # a learned range, by module path
+    return export_onnx(lm_bundle.replace(quant=plan), tmp_path_factory.mktemp("lm-q8"), calib)
 
 
 def torch_greedy(module: CausalLMWithCache, ids: np.ndarray, steps: int) -> list[int]:
@@ -156,3 +160,18 @@ def test_qdq_lm_runs_in_integer_and_tracks_torch(lm_bundle, lm_q8):
     # the quantized pair still generates through its own KV cache
     tokens = greedy_generate(prefill, decode, ids, 6)
     assert len(tokens) == 6 and all(0 <= t < 96 for t in tokens)
+
+
+def test_module_override_lands_in_both_graphs(lm_q8):
+    """Tensor names differ between the traced prefill and decode graphs; module paths do not."""
+    for graph in lm_q8.graphs.values():
+        model = onnx.load(str(graph.path), load_external_data=False)
+        inits = {
+            i.name: numpy_helper.to_array(i)
+            for i in model.graph.initializer
+            if i.data_location != onnx.TensorProto.EXTERNAL
+        }
+        tensor = module_outputs(model, module_scopes(model, "model."))[FIXED_MODULE]
+        (q,) = [n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == tensor]
+        assert inits[q.input[1]].item() == np.float32(FIXED.scale)
+        assert inits[q.input[2]].dtype == np.uint8 and inits[q.input[2]].item() == FIXED.zero_point

@@ -25,9 +25,7 @@ def backbone_session() -> tuple[ort.InferenceSession, str]:
     """The saliency ONNX with its backbone's final LayerNorm output exposed as an extra output."""
     model = onnx.load(str(dinov2.onnx_path()))
     node = next(n for n in model.graph.node if n.name == dinov2.BACKBONE_OUTPUT_NODE)
-    model.graph.output.append(
-        onnx.helper.make_tensor_value_info(node.output[0], onnx.TensorProto.FLOAT, None)
-    )
+    model.graph.output.append(onnx.helper.make_tensor_value_info(node.output[0], onnx.TensorProto.FLOAT, None))
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]), node.output[0]
 
 

@@ -46,9 +46,7 @@ def copy_tokenizer(path: Path) -> None:
     "factory",
     [
         lambda: LlamaForCausalLM(LlamaConfig(vocab_size=64, num_key_value_heads=2, **SMALL)),
-        lambda: MistralForCausalLM(
-            MistralConfig(vocab_size=64, num_key_value_heads=2, sliding_window=None, **SMALL)
-        ),
+        lambda: MistralForCausalLM(MistralConfig(vocab_size=64, num_key_value_heads=2, sliding_window=None, **SMALL)),
         lambda: Qwen2ForCausalLM(Qwen2Config(vocab_size=64, num_key_value_heads=2, **SMALL)),
     ],
     ids=["llama", "mistral", "qwen2"],
@@ -71,9 +69,7 @@ def test_causal_lm_directory_matches_transformers(tmp_path: Path, factory) -> No
     "factory",
     [
         lambda: BertModel(BertConfig(vocab_size=30522, **SMALL)),
-        lambda: DistilBertModel(
-            DistilBertConfig(vocab_size=30522, dim=32, hidden_dim=64, n_layers=2, n_heads=4)
-        ),
+        lambda: DistilBertModel(DistilBertConfig(vocab_size=30522, dim=32, hidden_dim=64, n_layers=2, n_heads=4)),
     ],
     ids=["bert", "distilbert"],
 )
@@ -122,12 +118,8 @@ def test_directory_without_config(tmp_path: Path) -> None:
 
 
 def test_unsupported_architecture_names_it_and_the_supported_ones(tmp_path: Path) -> None:
-    (tmp_path / "config.json").write_text(
-        json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"})
-    )
-    with pytest.raises(
-        EdgekitError, match=r"architecture GPT2LMHeadModel is not supported \(supported: Llama"
-    ):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
+    with pytest.raises(EdgekitError, match=r"architecture GPT2LMHeadModel is not supported \(supported: Llama"):
         load_directory(tmp_path)
 
 

@@ -68,9 +68,7 @@ def test_prefill_returns_post_rope_cache_like_transformers(hf: LlamaForCausalLM)
     assert len(cache) == 2 * 3
     for layer in range(3):
         torch.testing.assert_close(cache[2 * layer], reference.cache.layers[layer].keys, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(
-            cache[2 * layer + 1], reference.cache.layers[layer].values, atol=1e-5, rtol=1e-5
-        )
+        torch.testing.assert_close(cache[2 * layer + 1], reference.cache.layers[layer].values, atol=1e-5, rtol=1e-5)
     assert cache[0].shape == (1, 2, 11, 8)
     torch.testing.assert_close(logits, reference.logits, atol=1e-4, rtol=1e-4)
 

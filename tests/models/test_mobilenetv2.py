@@ -53,10 +53,7 @@ def test_labelled_photos_top1(bundle) -> None:
     """Measured: 4 of 7 (chelsea, coffee, china, camera right; rocket, grace_hopper, clock wrong)."""
     evaluation = items("photos", "eval")
     with torch.no_grad():
-        hits = [
-            is_correct(bundle.module(**bundle.preprocess(item.raw)).numpy(), item.target)
-            for item in evaluation
-        ]
+        hits = [is_correct(bundle.module(**bundle.preprocess(item.raw)).numpy(), item.target) for item in evaluation]
     assert sum(hits) >= 4, dict(zip([item.name for item in evaluation], hits, strict=True))
 
 

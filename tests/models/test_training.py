@@ -76,9 +76,7 @@ def test_to_tensor_and_input_checks(subset) -> None:
     images, labels, _, _ = subset
     tensor = to_tensor(images[:2], 0.5, 0.5)
     assert tensor.shape == (2, 1, 28, 28)
-    assert torch.allclose(
-        tensor, (torch.tensor(images[:2] / 255.0, dtype=torch.float32)[:, None] - 0.5) / 0.5
-    )
+    assert torch.allclose(tensor, (torch.tensor(images[:2] / 255.0, dtype=torch.float32)[:, None] - 0.5) / 0.5)
     with pytest.raises(EdgekitError):
         to_tensor(np.zeros(5, dtype=np.uint8), 0.0, 1.0)
     with pytest.raises(EdgekitError, match="as many labels"):

@@ -40,9 +40,7 @@ def mlp_int8(mlp_bundle: ModelBundle, samples, tmp_path_factory) -> tuple[ModelB
     return quantized, export_pte(quantized, tmp_path_factory.mktemp("mlp_int8"))
 
 
-def test_fp32_conv_matches_torch_in_executorch(
-    conv_bundle: ModelBundle, conv_fp32: PteExport, samples
-) -> None:
+def test_fp32_conv_matches_torch_in_executorch(conv_bundle: ModelBundle, conv_fp32: PteExport, samples) -> None:
     program = PteProgram(conv_fp32.path, conv_bundle.input_names)
     for sample in samples(conv_bundle, 4, seed=1):
         (out,) = program.run(sample)

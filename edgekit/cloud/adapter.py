@@ -1,0 +1,195 @@
+"""CEMA's cloud half: adapt the foundation model, distil the edge student's normalization layers.
+
+Per device and per batch of newly uploaded samples (Chen et al., ICLR'24):
+
+1. the foundation model (teacher) adapts by entropy minimisation on the new samples, each weighted
+   ``1 / exp(E - E_max)`` and only those with ``E < E_max`` (``E_max = 0.4 ln C``), updating only its
+   normalization affine parameters (Tent/EATA style, batch statistics);
+2. the student's normalization affine parameters are distilled on the new batch and on
+   ``replay_batches`` batches of ``replay_batch`` samples drawn from the device's FIFO replay buffer,
+   with ``alpha * H(student) + beta * KL(teacher || student) + gamma * CE(student, teacher argmax)``,
+   each sample weighted ``1 / exp(E_teacher - E_max)``. Student and edge both normalise with the
+   statistics of the batch in hand (as the reference code's Tent-style models do), so the edge
+   needs only the distilled affine ``weight`` and ``bias`` of every norm layer.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm)
+
+
+@dataclass
+class CemaConfig:
+    num_classes: int = 10
+    alpha: float = 3.0
+    beta: float = 3.0
+    gamma: float = 1.0
+    e_max_factor: float = 0.4
+    teacher_lr: float = 1e-3
+    student_lr: float = 3e-3
+    replay_size: int = 10_000
+    replay_batches: int = 3
+    replay_batch: int = 32
+    bn_momentum: float = 0.1
+
+    @property
+    def e_max(self) -> float:
+        return self.e_max_factor * math.log(self.num_classes)
+
+
+def norm_parameter_names(module: nn.Module, statistics: bool = False) -> dict[str, str]:
+    """``state_dict name -> kind`` of every normalization layer's affine params (and BN statistics)."""
+    names: dict[str, str] = {}
+    for prefix, layer in module.named_modules():
+        if not isinstance(layer, NORM_TYPES):
+            continue
+        base = f"{prefix}." if prefix else ""
+        if getattr(layer, "weight", None) is not None:
+            names[base + "weight"] = "scale"
+            names[base + "bias"] = "bias"
+        if statistics and isinstance(layer, nn.modules.batchnorm._BatchNorm) and layer.track_running_stats:
+            names[base + "running_mean"] = "mean"
+            names[base + "running_var"] = "var"
+    return names
+
+
+def configure_for_adaptation(module: nn.Module, momentum: float) -> list[nn.Parameter]:
+    """Freeze everything but the norm affine params; norm layers use batch statistics; no dropout."""
+    module.train()
+    module.requires_grad_(False)
+    params: list[nn.Parameter] = []
+    for layer in module.modules():
+        if isinstance(layer, nn.Dropout):
+            layer.eval()
+        if isinstance(layer, NORM_TYPES) and getattr(layer, "weight", None) is not None:
+            layer.weight.requires_grad_(True)
+            layer.bias.requires_grad_(True)
+            params += [layer.weight, layer.bias]
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+            layer.momentum = momentum
+    return params
+
+
+def softmax_entropy(logits: torch.Tensor) -> torch.Tensor:
+    return -(logits.softmax(1) * logits.log_softmax(1)).sum(1)
+
+
+class ReplayBuffer:
+    """In-memory FIFO replay buffer (the service keeps its buffer in SQLite instead)."""
+
+    def __init__(self, size: int, seed: int = 0) -> None:
+        self.items: deque[np.ndarray] = deque(maxlen=size)
+        self.rng = np.random.default_rng(seed)
+
+    def add(self, x: np.ndarray) -> None:
+        self.items.extend(np.asarray(x, dtype=np.float32))
+
+    def sample(self, count: int) -> np.ndarray:
+        if not self.items:
+            return np.zeros((0,), np.float32)
+        index = self.rng.choice(len(self.items), size=min(count, len(self.items)), replace=False)
+        return np.stack([self.items[i] for i in index])
+
+
+class DeviceAdapter:
+    """One device's adapted teacher and distilled student."""
+
+    def __init__(self, teacher: nn.Module, student: nn.Module, config: CemaConfig, seed: int = 0) -> None:
+        self.config = config
+        self.teacher = copy.deepcopy(teacher)
+        self.student = copy.deepcopy(student)
+        torch.manual_seed(seed)
+        self.teacher_params = configure_for_adaptation(self.teacher, config.bn_momentum)
+        self.student_params = configure_for_adaptation(self.student, config.bn_momentum)
+        self.teacher_opt = torch.optim.SGD(self.teacher_params, lr=config.teacher_lr, momentum=0.9)
+        self.student_opt = torch.optim.Adam(self.student_params, lr=config.student_lr)
+        self.names = norm_parameter_names(self.student)
+        self.steps = 0
+
+    def adapt_teacher(self, x: torch.Tensor) -> dict[str, float]:
+        logits = self.teacher(x)
+        ent = softmax_entropy(logits)
+        reliable = ent < self.config.e_max
+        if reliable.any():
+            weight = torch.exp(self.config.e_max - ent[reliable].detach())  # = 1 / exp(E - E_max)
+            loss = (weight * ent[reliable]).mean()
+            self.teacher_opt.zero_grad()
+            loss.backward()
+            self.teacher_opt.step()
+        return {
+            "teacher_entropy": float(ent.detach().mean()),
+            "teacher_reliable": float(reliable.float().mean()),
+        }
+
+    def distil(self, x: torch.Tensor) -> float:
+        c = self.config
+        with torch.no_grad():
+            teacher_logits = self.teacher(x)
+        t_log_p = teacher_logits.log_softmax(1)
+        t_ent = -(t_log_p.exp() * t_log_p).sum(1)
+        weight = torch.exp(c.e_max - t_ent)  # = 1 / exp(E_teacher - E_max)
+        s_logits = self.student(x)
+        s_log_p = s_logits.log_softmax(1)
+        s_ent = -(s_log_p.exp() * s_log_p).sum(1)
+        kl = (t_log_p.exp() * (t_log_p - s_log_p)).sum(1)
+        ce = nn.functional.nll_loss(s_log_p, teacher_logits.argmax(1), reduction="none")
+        loss = (weight * (c.alpha * s_ent + c.beta * kl + c.gamma * ce)).mean()
+        self.student_opt.zero_grad()
+        loss.backward()
+        self.student_opt.step()
+        return float(loss.detach())
+
+    def step(self, x_new: np.ndarray, replay: Callable[[int], np.ndarray]) -> dict[str, float]:
+        """One CEMA update from a batch of new samples; ``replay(n)`` draws up to n buffered samples."""
+        x = torch.from_numpy(np.asarray(x_new, dtype=np.float32))
+        metrics = self.adapt_teacher(x) if len(x) > 1 else {}
+        losses = [self.distil(x)] if len(x) > 1 else []
+        for _ in range(self.config.replay_batches):
+            old = replay(self.config.replay_batch)
+            if len(old) > 1:
+                losses.append(self.distil(torch.from_numpy(np.asarray(old, dtype=np.float32))))
+        self.steps += 1
+        metrics["student_loss"] = float(np.mean(losses)) if losses else float("nan")
+        return metrics
+
+    def student_arrays(self) -> dict[str, np.ndarray]:
+        """The edge's adaptable parameter set (norm affine params and BN statistics), float32 numpy."""
+        state = self.student.state_dict()
+        return {name: state[name].detach().cpu().numpy().astype(np.float32).copy() for name in self.names}
+
+    # -- persistence: what a restarted service needs to continue this device ----------------------
+    def state(self) -> dict[str, np.ndarray]:
+        arrays = {f"student.{k}": v for k, v in self.student_arrays().items()}
+        student_state = self.student.state_dict()
+        for name in norm_parameter_names(self.student, statistics=True):
+            arrays[f"student.{name}"] = student_state[name].detach().cpu().numpy().astype(np.float32).copy()
+        teacher_state = self.teacher.state_dict()
+        for name in norm_parameter_names(self.teacher, statistics=True):
+            arrays[f"teacher.{name}"] = teacher_state[name].detach().cpu().numpy().astype(np.float32).copy()
+        return arrays
+
+    def load_state(self, arrays: dict[str, np.ndarray]) -> None:
+        for prefix, module in (("student.", self.student), ("teacher.", self.teacher)):
+            update = {
+                k[len(prefix) :]: torch.from_numpy(np.array(v)) for k, v in arrays.items() if k.startswith(prefix)
+            }
+            state = module.state_dict()
+            for name, value in update.items():
+                state[name].copy_(value.to(state[name].dtype))
+
+
+def predict_eval(module: nn.Module, x: np.ndarray, batch: int = 512) -> np.ndarray:
+    """Eval-mode logits (for accuracy checks), in chunks."""
+    module = module.eval()
+    with torch.no_grad():
+        return np.concatenate([module(torch.from_numpy(x[i : i + batch])).numpy() for i in range(0, len(x), batch)])
