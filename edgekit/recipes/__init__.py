@@ -33,6 +33,7 @@ TRANSFORMS: dict[str, str] = {
     "identity": "edgekit.recipes.identity",
     "ptq": "edgekit.quantize.ptq",
     "snn-iir": "edgekit.snn.recipe",
+    "mobilequant": "edgekit.quantize.mobilequant",
 }
 
 

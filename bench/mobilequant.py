@@ -1,0 +1,189 @@
+"""MobileQuant on SmolLM2-135M: perplexity of each exported ONNX file, run in onnxruntime.
+
+Rows: fp32, ptq-int8 (onnxruntime MinMax W8A8), SmoothQuant α=0.5 + MinMax (same bits as
+MobileQuant W8A8), MobileQuant W8A8, W8A8 int8-only, W4A8. Per row: bits, perplexity on the
+Wikipedia evaluation split (the .onnx prefill graph in onnxruntime, 256-token windows), ratio to
+fp32, file size, prefill latency ratio to fp32 (256 tokens, interleaved in this process),
+calibration (transform) time, and the Snapdragon 8 Gen 3 NPU profile's integer coverage.
+
+Budget flags override the recipes' defaults (``--samples``, ``--seq-len``, ``--epochs``) and
+``--layers`` benchmarks the first N decoder layers only (then final norm + head), for machines
+where the full model does not fit the time. Usage: python bench/mobilequant.py [--layers 4 ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from edgekit import recipes
+from edgekit.calibrate import calibration_inputs
+from edgekit.evaluate import perplexity
+
+RESULTS = Path(__file__).parent / "results" / "mobilequant.json"
+ROWS = {
+    "fp32": ("fp32", "32/32"),
+    "ptq-int8": ("ptq-int8", "8/8"),
+    "smoothquant+minmax": ("smoothquant-w8a8", "8/8+16"),
+    "mobilequant-w8a8": ("mobilequant-w8a8", "8/8+16"),
+    "mobilequant-w8a8-int8only": ("mobilequant-w8a8-int8only", "8/8"),
+    "mobilequant-w4a8": ("mobilequant-w4a8", "4/8+16"),
+}
+DEVICE = "snapdragon-8gen3-npu"
+
+
+def load_bundle(layers: int | None):
+    from edgekit.models import load as load_model
+    from edgekit.models.llama import CausalLMWithCache
+    from edgekit.models.smollm2 import load_hf
+
+    bundle = load_model("zoo:smollm2-135m")
+    if layers:
+        hf, _, _ = load_hf()
+        bundle = bundle.replace(module=CausalLMWithCache(hf, num_layers=layers).eval())
+    return bundle
+
+
+def onnx_facts(directory: Path, result) -> dict:
+    from edgekit.devices.check import check
+    from edgekit.exporters.onnx_ops import onnx_op_stats
+
+    size = sum(p.stat().st_size for p in directory.iterdir() if p.is_file())
+    prefill = result.graphs["prefill"].path
+    quantized = result.precision == "qdq"
+    verdict = check(onnx_op_stats(prefill), size, None, DEVICE, "onnx-qdq" if quantized else "onnx")
+    return {
+        "bytes": size,
+        "integer_coverage_count": verdict.integer_coverage_count,
+        "integer_coverage_flops": verdict.integer_coverage_flops,
+        "device_check_passed": verdict.passed,
+        "float_islands": verdict.dequantized,
+        "rejected": verdict.rejected,
+    }
+
+
+def main() -> None:
+    from edgekit.data.wikipedia import token_stream
+    from edgekit.exporters.onnx import export_onnx
+    from edgekit.exporters.verify import onnx_session
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--layers", type=int, default=None, help="first N decoder layers only")
+    parser.add_argument("--samples", type=int, default=None)
+    parser.add_argument("--seq-len", type=int, default=None)
+    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--eval-tokens", type=int, default=8192)
+    parser.add_argument("--rows", default=",".join(ROWS))
+    parser.add_argument("--latency-rounds", type=int, default=3)
+    args = parser.parse_args()
+
+    bundle = load_bundle(args.layers)
+    tokens = token_stream(bundle.tokenizer, "eval", max_tokens=args.eval_tokens)
+    settings = {"samples": args.samples, "seq_len": args.seq_len, "epochs": args.epochs}
+    rows: list[dict] = []
+    sessions = {}
+    with tempfile.TemporaryDirectory(prefix="edgekit-mq-bench-") as tmp:
+        for row_name in args.rows.split(","):
+            recipe_name, bits = ROWS[row_name]
+            print(f"== {row_name}", file=sys.stderr)
+            overrides = {
+                key: str(value)
+                for key, value in settings.items()
+                if value is not None and hasattr(recipes.load(recipe_name).settings, key)
+            }
+            recipe = recipes.load(recipe_name, overrides)
+            samples = int(getattr(recipe.settings, "samples", 0) or 0)
+            seq_len = int(getattr(recipe.settings, "seq_len", args.seq_len or 128))
+            calib = calibration_inputs(bundle, None, samples, seq_len) if samples else []
+            started = time.perf_counter()
+            if recipe.transform == "ptq":  # the ONNX row needs only the plan: onnxruntime calibrates
+                from edgekit.quantize.ptq import spec_from_config
+
+                transformed = bundle.replace(quant=spec_from_config(recipe.settings))
+            else:
+                transformed = recipe.transform_module().apply(bundle, calib, recipe.settings)
+            calibration_seconds = time.perf_counter() - started
+            out = Path(tmp) / row_name
+            started = time.perf_counter()
+            result = export_onnx(transformed, out, calib or None)
+            export_seconds = time.perf_counter() - started
+            session = onnx_session(result.graphs["prefill"].path)
+            sessions[row_name] = session
+            ppl = perplexity(lambda ids, s=session: s.run(None, {"input_ids": ids})[0], tokens, 256, 256)
+            row = {
+                "method": row_name,
+                "recipe": recipe_name,
+                "bits_w_a": bits,
+                "settings": recipe.as_dict()["settings"],
+                "perplexity": ppl,
+                "calibration_seconds": calibration_seconds if samples else 0.0,
+                "export_seconds": export_seconds,
+                **onnx_facts(out, result),
+            }
+            if "mobilequant" in transformed.meta:
+                row["mobilequant"] = {
+                    k: v for k, v in transformed.meta["mobilequant"].items() if isinstance(v, int | float | dict)
+                }
+            # prefill latency at 256 tokens, interleaved with fp32 so both see the same machine load
+            ids = tokens[None, :256].astype(np.int64)
+            pair = {name: sessions[name] for name in dict.fromkeys(("fp32", row_name)) if name in sessions}
+            times: dict[str, list[float]] = {name: [] for name in pair}
+            for _ in range(args.latency_rounds):
+                for name, timed in pair.items():
+                    timed.run(None, {"input_ids": ids})
+                    begin = time.perf_counter()
+                    timed.run(None, {"input_ids": ids})
+                    times[name].append(time.perf_counter() - begin)
+            latency = {name: float(np.median(values)) for name, values in times.items()}
+            row["prefill_ms_256"] = 1000 * latency[row_name]
+            if "fp32" in latency:
+                row["fp32_prefill_ms_256_same_run"] = 1000 * latency["fp32"]
+                row["prefill_latency_ratio"] = latency[row_name] / latency["fp32"]
+            if rows and rows[0]["method"] == "fp32":
+                row["perplexity_ratio"] = row["perplexity"] / rows[0]["perplexity"]
+                row["size_ratio"] = row["bytes"] / rows[0]["bytes"]
+            if row_name != "fp32":
+                sessions.pop(row_name)  # keep memory bounded: only fp32 stays loaded
+            rows.append(row)
+            print(
+                json.dumps({k: row[k] for k in ("method", "perplexity", "bytes", "calibration_seconds")}),
+                file=sys.stderr,
+            )
+            _write(args, rows)
+    _write(args, rows)
+    header = ("method", "W/A bits", "ppl", "× fp32", "MB", "size ×", "prefill ×", "calib s", "int cov")
+    print(" | ".join(header))
+    for row in rows:
+        cov = row.get("integer_coverage_count")
+        print(
+            " | ".join(
+                [
+                    row["method"],
+                    row["bits_w_a"],
+                    f"{row['perplexity']:.2f}",
+                    f"{row.get('perplexity_ratio', float('nan')):.3f}",
+                    f"{row['bytes'] / 1e6:.1f}",
+                    f"{row.get('size_ratio', float('nan')):.3f}",
+                    f"{row.get('prefill_latency_ratio', float('nan')):.2f}",
+                    f"{row['calibration_seconds']:.0f}",
+                    "-" if cov is None else f"{100 * cov:.1f}%",
+                ]
+            )
+        )
+    print(f"wrote {RESULTS}")
+
+
+def _write(args, rows: list[dict]) -> None:
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    budget = {k: v for k, v in vars(args).items()}
+    RESULTS.write_text(json.dumps({"model": "smollm2-135m", "budget": budget, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""MobileQuant through the ONNX exporter: the learned ranges are the QDQ scales in the .onnx files,
+the graphs run in onnxruntime and agree with the simulated model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from edgekit.models.bundle import ModelBundle
+from edgekit.quantize import mobilequant
+
+onnx_exporter = pytest.importorskip("edgekit.exporters.onnx")
+
+from mq_tiny import calib, tiny_llama  # noqa: E402
+
+
+def qdq_params(path: Path) -> dict[str, tuple[float, int, int]]:
+    """Tensor -> (scale, zero point, bits) of the QuantizeLinear reading it, read back from the file."""
+    model = onnx.load(str(path), load_external_data=False)
+    constants = {
+        init.name: numpy_helper.to_array(init)
+        for init in model.graph.initializer
+        if init.data_location != onnx.TensorProto.EXTERNAL  # scales and zero points are inline
+    }
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    outputs = {o.name for o in model.graph.output}
+    params = {}
+    for node in model.graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear") and {node.input[1], node.input[2]} <= set(constants):
+            scale, zero = constants[node.input[1]], constants[node.input[2]]
+            if scale.size != 1:
+                continue
+            # a graph output is written by its DequantizeLinear (the producer's tensor is renamed)
+            name = node.input[0] if node.op_type == "QuantizeLinear" else node.output[0]
+            if node.op_type == "QuantizeLinear" or name in outputs:
+                params.setdefault(name, (float(scale), int(zero), zero.dtype.itemsize * 8))
+    return params
+
+
+def module_tensors(path: Path) -> dict[str, str]:
+    """Module path -> output tensor, from an fp32 graph (the QDQ rewrite drops the scope metadata)."""
+    model = onnx.load(str(path), load_external_data=False)
+    return onnx_exporter.module_outputs(model, onnx_exporter.module_scopes(model, "model."))
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    module = tiny_llama()
+    bundle = ModelBundle(
+        spec="test:tiny-llama",
+        module=module,
+        example_inputs={"input_ids": torch.randint(0, 101, (1, 8))},
+        task="causal-lm",
+        output_names=["logits"],
+        dynamic_axes={"input_ids": {1: "sequence"}},
+    )
+    data = calib(6, 24)
+    config = mobilequant.Config(samples=6, seq_len=24, epochs=2, batch_size=2, lr_range=1e-4, lr_range_end=1e-5)
+    quantized = mobilequant.apply(bundle, data, config)
+    out = tmp_path_factory.mktemp("mq-onnx")
+    result = onnx_exporter.export_onnx(quantized, out / "qdq", data)
+    # the same folded module exported in float: its graph keeps the module scopes, and the QDQ
+    # graph keeps its tensor names
+    float_result = onnx_exporter.export_onnx(quantized.replace(quant=None), out / "fp32")
+    return quantized, result, float_result
+
+
+def test_learned_ranges_are_the_graphs_qdq_scales(exported) -> None:
+    quantized, result, float_result = exported
+    overrides = quantized.quant.overrides
+    for role in ("prefill", "decode"):
+        params = qdq_params(result.graphs[role].path)
+        tensors = module_tensors(float_result.graphs[role].path)
+        checked = 0
+        for module_path, override in overrides.items():
+            tensor = tensors[module_path]
+            assert tensor in params, f"{role}: no QuantizeLinear on {module_path} ({tensor})"
+            scale, zero, bits = params[tensor]
+            assert bits == override.bits, module_path
+            assert zero == override.zero_point, module_path
+            assert scale == pytest.approx(override.scale, rel=1e-6), module_path
+            checked += 1
+        assert checked == len(overrides)
+        # the embedding Gather keeps its table's uint8 quantization, which the simulation copies
+        scale, zero, bits = params[tensors["embed_tokens"]]
+        embed = quantized.simulated.head_acts["embed"].override()
+        assert (bits, zero) == (embed.bits, embed.zero_point)
+        assert scale == pytest.approx(embed.scale, rel=1e-5)
+
+
+def test_exported_graph_runs_and_matches_the_simulation(exported) -> None:
+    import onnxruntime as ort
+
+    from edgekit.evaluate import sqnr_db
+
+    quantized, result, _ = exported
+    session = ort.InferenceSession(str(result.graphs["prefill"].path), providers=["CPUExecutionProvider"])
+    ids = torch.randint(0, 101, (1, 20), generator=torch.Generator().manual_seed(11))
+    logits = session.run(None, {"input_ids": ids.numpy()})[0]
+    with torch.no_grad():
+        simulated = quantized.simulated(ids).numpy()
+        floats = quantized.module(ids).numpy()
+    assert sqnr_db(simulated, logits) > 25.0
+    assert sqnr_db(floats, logits) > 15.0
+    assert np.mean(simulated.argmax(-1) == logits.argmax(-1)) > 0.9
