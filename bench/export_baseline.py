@@ -46,8 +46,8 @@ def bench_model(name: str, work: Path, eval_samples: int) -> dict:
         )
         try:
             result = pipeline.run_export(plan)
-        except EdgekitError as error:  # e.g. a format the model does not lower to: record, go on
-            row[recipe] = {"error": str(error)}
+        except (EdgekitError, RuntimeError) as error:  # a format the model does not lower to: record, go on
+            row[recipe] = {"error": f"{type(error).__name__}: {error}"}
             continue
         bundles[recipe] = out
         row[recipe] = {
