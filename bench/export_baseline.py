@@ -78,9 +78,11 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--eval-samples", type=int, default=64)
     args = parser.parse_args()
-    rows = []
+    previous = json.loads(RESULTS.read_text())["rows"] if RESULTS.is_file() else []
+    chosen = args.models.split(",")
+    rows = [row for row in previous if row["model"] not in chosen]  # keep other models' last measurement
     with tempfile.TemporaryDirectory(prefix="edgekit-bench-") as tmp:
-        for name in args.models.split(","):
+        for name in chosen:
             print(f"== {name}", file=sys.stderr)
             rows.append(bench_model(name, Path(tmp), args.eval_samples))
             RESULTS.parent.mkdir(parents=True, exist_ok=True)
