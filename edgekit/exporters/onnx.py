@@ -464,6 +464,7 @@ def torch_to_onnx(
     shapes: tuple | None = tuple(flat) if nest is None else (*flat[:nest], tuple(flat[nest:]))
     if not any(flat):
         shapes = None
+    placeholders = [f"edgekit_output_{index}" for index in range(len(output_names))]
     try:
         with _quiet():
             torch.onnx.export(
@@ -473,12 +474,13 @@ def torch_to_onnx(
                 dynamo=True,
                 opset_version=OPSET,
                 input_names=input_names,
-                output_names=output_names,
+                output_names=placeholders,
                 dynamic_shapes=shapes,
                 external_data=external_data,
                 optimize=True,
                 verbose=False,
             )
+        _name_outputs(path, placeholders, output_names)
         return "dynamo", None
     except Exception as dynamo_error:  # the exporter raises many types; report, then try TorchScript
         first = _first_line(dynamo_error)
@@ -505,6 +507,23 @@ def torch_to_onnx(
         model = onnx.version_converter.convert_version(model, OPSET)
         onnx.save_model(model, str(path), save_as_external_data=external_data)
         return "torchscript", f"dynamo export failed ({first}); used the TorchScript exporter"
+
+
+def _name_outputs(path: Path, placeholders: list[str], names: list[str]) -> None:
+    """Give the graph outputs their names, moving aside any internal tensor that already has one.
+
+    The dynamo exporter names internal values after the torch ops (an encoder's ``embedding``
+    lookup), and naming a graph output the same makes a model onnxruntime refuses.
+    """
+    model = onnx.load(str(path), load_external_data=False)
+    renames = {name: f"{name}.internal" for name in names}
+    renames.update(dict(zip(placeholders, names, strict=True)))
+    for node in model.graph.node:
+        node.input[:] = [renames.get(name, name) for name in node.input]
+        node.output[:] = [renames.get(name, name) for name in node.output]
+    for value in [*model.graph.output, *model.graph.value_info, *model.graph.initializer]:
+        value.name = renames.get(value.name, value.name)
+    onnx.save_model(model, str(path))
 
 
 @contextlib.contextmanager

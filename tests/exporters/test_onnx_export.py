@@ -224,3 +224,28 @@ def test_failed_export_leaves_out_dir_untouched(tmp_path, bundles):
         export_onnx(bundle, out, bad)
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".onnx-export-")]
+
+
+def test_output_named_like_an_internal_op_still_loads(tmp_path):
+    """The dynamo exporter names values after torch ops; an output called ``embedding`` used to collide."""
+    import onnxruntime as ort
+    import torch
+
+    from edgekit.models.bundle import ModelBundle
+
+    class Pool(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.table = torch.nn.Embedding(20, 8)
+
+        def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+            return self.table(input_ids).mean(1)
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 20, (1, 5))
+    bundle = ModelBundle("test:pool", Pool().eval(), {"input_ids": ids}, "text-encoder", output_names=["embedding"])
+    export = export_onnx(bundle, tmp_path)
+    session = ort.InferenceSession(str(export.main.path), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["embedding"]
+    (got,) = session.run(None, {"input_ids": ids.numpy()})
+    np.testing.assert_allclose(got, bundle.module(ids).detach().numpy(), atol=1e-6)
