@@ -6,7 +6,6 @@ measure the same way.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +13,7 @@ import numpy as np
 
 from edgekit.errors import EdgekitError
 from edgekit.evaluate import cosine, max_abs_error, sqnr_db, top1_agreement
+from edgekit.runtime.backends import open_onnx_session
 
 ENCODER_TASKS = ("vision-encoder", "text-encoder")
 ARGMAX_TASKS = ("classifier", "causal-lm")
@@ -45,21 +45,14 @@ def compare(reference: np.ndarray, candidate: np.ndarray, task: str) -> dict[str
     return result
 
 
-def onnx_session(path: Path | str, *, threads: int | None = None, providers: Sequence[str] | None = None):
+def onnx_session(path: Path | str, *, threads: int | None = None):
     """An onnxruntime InferenceSession on ``path``; a missing or corrupt file is an EdgekitError."""
-    import onnxruntime as ort
 
     path = Path(path)
     if not path.is_file():
         raise EdgekitError(f"no such ONNX file: {path}")
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
     try:
-        return ort.InferenceSession(
-            str(path), sess_options=options, providers=list(providers or ["CPUExecutionProvider"])
-        )
+        return open_onnx_session(path, threads)
     except Exception as error:  # ORT raises its own exception types (InvalidProtobuf, Fail, ...)
         message = str(error)
         if "external" in message.lower() or "No such file" in message:

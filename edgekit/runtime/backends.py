@@ -18,20 +18,50 @@ class Backend(Protocol):
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
 
+def onnx_session_options(threads: int | None = None, exact_x64: bool = True):
+    """onnxruntime options every edgekit session uses.
+
+    ``exact_x64`` sets ``session.x64quantprecision``: x86 CPUs without VNNI (AVX2/AVX-512 only) then
+    run 8-bit MatMul/Conv as u8u8 instead of u8s8, whose ``vpmaddubsw`` saturates its 16-bit sums
+    and costs 10-20 dB of SQNR. Phones and NPUs have no such limit, so without it a host like that
+    would judge a QDQ file worse than its target runs it.
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if exact_x64:
+        options.add_session_config_entry("session.x64quantprecision", "1")
+    if threads:
+        options.intra_op_num_threads = threads
+    return options
+
+
+def open_onnx_session(path: Path, threads: int | None = None):
+    """An onnxruntime CPU session on ``path``, exact 8-bit arithmetic where onnxruntime can give it.
+
+    onnxruntime's u8s8 -> u8u8 rewrite fails on some graphs ("Attempt to replace the existing
+    tensor" when quantization parameters are shared); those open with the default kernels. Errors
+    of the file itself surface from the second attempt, as onnxruntime raises them.
+    """
+    import onnxruntime as ort
+
+    providers = ["CPUExecutionProvider"]
+    try:
+        return ort.InferenceSession(str(path), onnx_session_options(threads), providers=providers)
+    except Exception:
+        return ort.InferenceSession(str(path), onnx_session_options(threads, exact_x64=False), providers=providers)
+
+
 class OnnxBackend:
     """An onnxruntime CPU session (the same QDQ file QNN's provider would take on a Snapdragon)."""
 
     def __init__(self, path: Path, threads: int | None = None) -> None:
-        import onnxruntime as ort
 
         if not path.is_file():
             raise EdgekitError(f"missing model file {path}")
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if threads:
-            options.intra_op_num_threads = threads
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            self.session = open_onnx_session(path, threads)
         except Exception as error:  # onnxruntime raises its own Fail/InvalidProtobuf types
             first_line = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
             raise EdgekitError(f"{path} is not a valid ONNX model (truncated or corrupt?): {first_line}") from None

@@ -96,12 +96,11 @@ def test_learned_ranges_are_the_graphs_qdq_scales(exported) -> None:
 
 
 def test_exported_graph_runs_and_matches_the_simulation(exported) -> None:
-    import onnxruntime as ort
-
     from edgekit.evaluate import sqnr_db
+    from edgekit.exporters.verify import onnx_session
 
     quantized, result, _ = exported
-    session = ort.InferenceSession(str(result.graphs["prefill"].path), providers=["CPUExecutionProvider"])
+    session = onnx_session(result.graphs["prefill"].path)
     ids = torch.randint(0, 101, (1, 20), generator=torch.Generator().manual_seed(11))
     logits = session.run(None, {"input_ids": ids.numpy()})[0]
     with torch.no_grad():
