@@ -1,8 +1,11 @@
 """Spiking networks: the trainable simulator and its export form, unrolled over T.
 
 A network is a chain of ops: weight layers (``Conv2d``/``Linear`` with BatchNorm already folded
-in), :class:`~edgekit.snn.neuron.LIF` layers, and shape ops that commute with spiking (pooling,
-flatten). The input is encoded directly (the analog image drives the first layer at every step,
+in), :class:`~edgekit.snn.neuron.LIF` layers, shape ops that commute with spiking (pooling,
+flatten), and for residual networks a :class:`Fork` (keep this tensor) and a :class:`Join` (add the
+kept tensor, through its shortcut, to the block's output before the next LIF layer). A ResNet
+stays a flat chain that way, so every per-op mechanism (state, spike maps, op counts, export)
+indexes it the same. The input is encoded directly (the analog image drives the first layer at every step,
 so its current is computed once), and the last weight layer is the readout: it integrates
 its input without spiking, and its potential divided by T is the logits (the same scale as the
 ANN's at every T, so one stage of the ladder initialises the next cleanly).
@@ -19,6 +22,53 @@ from torch.nn import functional as F
 from edgekit.snn.neuron import LIF
 
 WEIGHT_OPS = (nn.Conv2d, nn.Linear)
+
+
+class Fork(nn.Module):
+    """Keeps the tensor passing here (a residual block's input) in ``slot`` for a later :class:`Join`."""
+
+    def __init__(self, slot: int) -> None:
+        super().__init__()
+        self.slot = int(slot)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def extra_repr(self) -> str:
+        return f"slot={self.slot}"
+
+
+class Join(nn.Module):
+    """The residual add: the block's output plus the kept tensor through the shortcut.
+
+    The shortcut is either empty (identity) or pooling plus one conv/linear (BatchNorm folded, the
+    ResNet downsample). In a spiking net the kept tensor is spikes; an identity shortcut then scales
+    them by ``scale`` (what one spike stands for, V_th of the layer that fired them, trainable),
+    while a conv shortcut carries that factor in its weights, so its input stays binary.
+    """
+
+    def __init__(self, slot: int, shortcut: list[nn.Module], scale: float | None = None) -> None:
+        super().__init__()
+        self.slot = int(slot)
+        self.shortcut = nn.ModuleList(shortcut)
+        self.scale = None if scale is None else nn.Parameter(torch.tensor(float(scale)))
+
+    def branch(self, kept: torch.Tensor, note=None) -> torch.Tensor:
+        """The shortcut applied to ``kept``; ``note(op, inputs, output, area)`` sees its weight op."""
+        h, area = kept, 1.0
+        for op in self.shortcut:
+            out = op(h)
+            if isinstance(op, WEIGHT_OPS):
+                if note is not None:
+                    note(op, h, out, area)
+                area = 1.0
+            elif is_average_pool(op):
+                area *= pool_area(op, h, out)
+            h = out
+        return h * self.scale if self.scale is not None else h
+
+    def extra_repr(self) -> str:
+        return f"slot={self.slot}" + ("" if self.scale is None else f", scale={self.scale.item():.4g}")
 
 
 def first_weight_index(ops: nn.ModuleList | list[nn.Module]) -> int:
@@ -51,6 +101,7 @@ class SpikingNet(nn.Module):
         steps = self.timesteps
         first = first_weight_index(self.ops)
         states: dict[int, torch.Tensor | None] = {}
+        kept: dict[int, torch.Tensor] = {}
         masks: dict[int, torch.Tensor] = {}
         spike_maps: dict[int, list[torch.Tensor]] = {}
         cached: torch.Tensor | None = None
@@ -73,6 +124,10 @@ class SpikingNet(nn.Module):
                 elif i <= first and cached is not None:
                     # the analog input drives the first layer identically every step: computed once
                     h = cached if i == first else h
+                elif isinstance(op, Fork):
+                    kept[op.slot] = h
+                elif isinstance(op, Join):
+                    h = h + op.branch(kept[op.slot], self._shortcut_note(i, t))
                 else:
                     out = op(h)
                     if isinstance(op, WEIGHT_OPS):
@@ -87,6 +142,12 @@ class SpikingNet(nn.Module):
         if return_spikes:
             return logits, [torch.stack(spike_maps[i]) for i in sorted(spike_maps)]
         return logits
+
+    def _shortcut_note(self, index: int, t: int):
+        """The op-count hook for a :class:`Join`'s shortcut weight op, counted under the Join's index."""
+        if self.record is None:
+            return None
+        return lambda op, inputs, output, area: self._note(index, op, inputs, output, t, area)
 
     def _note(
         self, index: int, op: nn.Module, inputs: torch.Tensor | None, output: torch.Tensor, t: int, area: float
@@ -161,6 +222,9 @@ class UnrolledSNN(nn.Module):
                 leak = float(op.leak.detach().clamp(max=1.0))
                 self.register_buffer(f"leak_{index}", torch.tensor(leak))
                 kinds[-1] = "lif" if leak == 1.0 else "lif-leaky"
+            elif isinstance(op, Fork | Join):
+                ops.append(_frozen_copy(op))
+                kinds.append(type(op).__name__.lower())
             else:
                 ops.append(_frozen_copy(op))
                 kinds.append("op")
@@ -170,6 +234,7 @@ class UnrolledSNN(nn.Module):
     def forward(self, x: torch.Tensor):
         steps = self.timesteps
         states: dict[int, torch.Tensor] = {}
+        kept: dict[int, torch.Tensor] = {}
         spike_maps: dict[int, list[torch.Tensor]] = {}
         cached: torch.Tensor | None = None
         total: torch.Tensor | None = None
@@ -190,6 +255,10 @@ class UnrolledSNN(nn.Module):
                         spike_maps.setdefault(i, []).append(h)
                 elif i <= self.first and cached is not None:
                     h = cached if i == self.first else h  # input-side work is done once, at step 1
+                elif kind == "fork":
+                    kept[op.slot] = h
+                elif kind == "join":
+                    h = h + op.branch(kept[op.slot])
                 else:
                     h = op(h)
                     if i == self.first:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import accuracy
+from snn_tiny import accuracy
 from torch import nn
 
 from edgekit.errors import EdgekitError
 from edgekit.snn.convert import convert
 from edgekit.snn.energy import AC_PJ, MAC_PJ, count_ops
-from edgekit.snn.network import SpikingNet
+from edgekit.snn.network import Fork, Join, SpikingNet
 from edgekit.snn.neuron import LIF
 from edgekit.snn.train import iir
 
@@ -67,3 +67,14 @@ def test_iir_ladder_recovers_t1_accuracy(tiny_ann, fmnist) -> None:
     assert all(leak <= 1.0 for leak in stages[-1].leaks) and all(t > 0 for t in stages[-1].thresholds)
     with pytest.raises(EdgekitError, match="decreasing"):
         iir(net, x, y, [1, 3], 1, 1e-3, 64, test_x, test_y, show_progress=False)
+
+
+def test_count_ops_counts_a_conv_shortcut_as_accumulates() -> None:
+    # spikes [1, 1] (V_th 0.5) reach the body's linear (2 -> 2) and the shortcut's linear (2 -> 2)
+    first = _linear([[1.0], [1.0]])
+    body, shortcut = _linear([[1, 0], [0, 1]]), _linear([[1, 1], [1, 1]])
+    ops = [first, LIF(0.5), Fork(0), body, Join(0, [shortcut]), LIF(10.0), _linear([[1, 1]])]
+    count = count_ops(SpikingNet(ops, timesteps=1), torch.tensor([[1.0]]))
+    assert [layer.kind for layer in count.layers] == ["Linear", "Linear", "Linear", "Linear"]
+    assert [layer.snn_acs for layer in count.layers[1:3]] == [4, 4]  # 2 spikes x fan-out 2, each branch
+    assert count.ann_macs == 2 + 4 + 4 + 2

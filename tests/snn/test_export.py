@@ -87,3 +87,22 @@ def test_executorch_spike_maps_match_torch(spiking, fmnist, tmp_path) -> None:
         reference = module(x=x)
     assert _spike_agreement(runtime, reference) >= 0.999
     assert (runtime[0].argmax(-1) == reference[0].numpy().argmax(-1)).all()
+
+
+def test_resnet_unrolled_and_onnxruntime_match_torch(tiny_resnet, fmnist, tmp_path) -> None:
+    net = convert(tiny_resnet, fmnist["train_x"][:64], timesteps=2)
+    x = fmnist["test_x"][:64]
+    module = named_input(UnrolledSNN(net, return_spikes=True), "x").eval()
+    with torch.no_grad():
+        logits, spikes = net(x, return_spikes=True)
+        reference = module(x=x)
+    torch.testing.assert_close(reference[0], logits, rtol=0, atol=1e-5)
+    assert len(spikes) == 5 and all(torch.equal(a, b) for a, b in zip(reference[1:], spikes, strict=True))
+    path = tmp_path / "resnet-snn.onnx"
+    torch.onnx.export(
+        module, (), kwargs={"x": x[:2]}, f=str(path), dynamo=True, opset_version=21,
+        dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, verbose=False,
+    )  # fmt: skip
+    runtime = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})
+    assert _spike_agreement(runtime, reference) >= 0.999
+    assert (runtime[0].argmax(-1) == reference[0].numpy().argmax(-1)).mean() >= 0.98

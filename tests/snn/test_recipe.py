@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TinyVGG
+from snn_tiny import TinyVGG
 
 from edgekit import recipes
 from edgekit.errors import EdgekitError
@@ -64,3 +64,23 @@ def test_refusals() -> None:
         snn_recipe.apply(_bundle(TinyVGG()), [], snn_recipe.Config(ladder=[1, 5]))
     with pytest.raises(EdgekitError, match="one per ladder stage"):
         snn_recipe.apply(_bundle(TinyVGG()), [], snn_recipe.Config(ladder=[5, 3, 1], epochs=[1, 1]))
+
+
+def test_apply_converts_a_resnet(tiny_resnet) -> None:
+    config = snn_recipe.Config(
+        ladder=[2, 1], epochs=[0.25], train_samples=256, eval_samples=64, energy_samples=16, cache=False
+    )
+    out = snn_recipe.apply(_bundle(tiny_resnet).replace(source_hash="tiny-resnet"), [], config)
+    x = fmnist.preprocess(fmnist.fashion_mnist.arrays("eval")[0][5])
+    with torch.no_grad():
+        torch.testing.assert_close(out.module(**x), out.simulated(**x), rtol=0, atol=1e-5)
+    ops = out.meta["snn"]["ops"]
+    assert len(ops["spike_rates"]) == 5 and ops["energy_ratio"] > 1
+    assert "Join" in [type(op).__name__ for op in out.simulated.net.ops]
+
+
+def test_mobilenetv2_is_refused_by_name() -> None:
+    from edgekit.models.mobilenetv2 import build
+
+    with pytest.raises(EdgekitError, match="cannot convert MobileNetV2 to a spiking network: ReLU6"):
+        convert(build().eval(), torch.randn(2, 3, 64, 64))
