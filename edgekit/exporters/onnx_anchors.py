@@ -92,7 +92,7 @@ def weight_overrides(pre_path: Path, anchors: Sequence[Any]) -> tuple[dict[str, 
             axis = anchor.axis
             if tuple(array.shape) == anchor.shape and _same(array, anchor):
                 pass
-            elif array.ndim == 2 and tuple(array.shape[::-1]) == anchor.shape and _same(array.T, anchor):
+            elif array.ndim == 2 and tuple(array.shape[::-1]) == anchor.shape and _same(array, anchor, transposed=True):
                 axis = None if axis is None else 1 - axis
             else:
                 continue
@@ -110,8 +110,10 @@ def weight_overrides(pre_path: Path, anchors: Sequence[Any]) -> tuple[dict[str, 
     return overrides, notes
 
 
-def _same(array: np.ndarray, anchor: Any) -> bool:
-    candidate = np.ascontiguousarray(array).reshape(-1)[anchor.positions].astype(np.float64)
+def _same(array: np.ndarray, anchor: Any, transposed: bool = False) -> bool:
+    """``array`` (or its transpose) holds the anchor's values at the anchor's positions."""
+    index = np.unravel_index(anchor.positions, anchor.shape)
+    candidate = array[index[::-1] if transposed else index].astype(np.float64)
     reference = anchor.values.astype(np.float64)
     scale = float(np.sqrt(np.mean(reference**2))) if reference.size else 0.0
     difference = float(np.sqrt(np.mean((candidate - reference) ** 2))) if reference.size else 0.0
