@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from snn_tiny import TinyVGG
 from torch import nn
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -38,17 +39,6 @@ def fmnist() -> dict[str, torch.Tensor]:
     }
 
 
-class TinyVGG(nn.Sequential):
-    """conv-BN-ReLU-avgpool x2, linear-ReLU, dropout, linear: every layer kind the converter folds."""
-
-    def __init__(self) -> None:
-        super().__init__(
-            nn.Conv2d(1, 6, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(6), nn.ReLU(), nn.AvgPool2d(2),
-            nn.Conv2d(6, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AvgPool2d(2),
-            nn.Flatten(), nn.Linear(8 * 3 * 3, 32), nn.ReLU(), nn.Dropout(0.2), nn.Linear(32, 10),
-        )  # fmt: skip
-
-
 @pytest.fixture(scope="session")
 def tiny_ann(fmnist) -> nn.Module:
     """TinyVGG trained on 2000 real images for a few seconds (fixed seed)."""
@@ -66,8 +56,3 @@ def tiny_ann(fmnist) -> nn.Module:
             loss.backward()
             optimizer.step()
     return model.eval()
-
-
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    with torch.no_grad():
-        return float((model(x).argmax(-1) == y).float().mean())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TinyVGG, accuracy
+from snn_tiny import TinyVGG, accuracy
 from torch import nn
 
 from edgekit.errors import EdgekitError

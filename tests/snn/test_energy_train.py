@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import accuracy
+from snn_tiny import accuracy
 from torch import nn
 
 from edgekit.errors import EdgekitError

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TinyVGG
+from snn_tiny import TinyVGG
 
 from edgekit import recipes
 from edgekit.errors import EdgekitError
