@@ -14,6 +14,7 @@ import numpy as np
 
 from edgekit.errors import EdgekitError
 from edgekit.evaluate import cosine, max_abs_error, sqnr_db, top1_agreement
+from edgekit.runtime.backends import X64_EXACT_INT8
 
 ENCODER_TASKS = ("vision-encoder", "text-encoder")
 ARGMAX_TASKS = ("classifier", "causal-lm")
@@ -54,6 +55,7 @@ def onnx_session(path: Path | str, *, threads: int | None = None, providers: Seq
         raise EdgekitError(f"no such ONNX file: {path}")
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    options.add_session_config_entry(*X64_EXACT_INT8)
     if threads:
         options.intra_op_num_threads = threads
     try:
