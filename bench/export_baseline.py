@@ -19,7 +19,6 @@ import numpy as np
 
 from edgekit import pipeline, runtime
 from edgekit.calibrate import calibration_inputs
-from edgekit.errors import EdgekitError
 from edgekit.models import load as load_model
 
 MODELS = ["fmnist-cnn", "mobilenetv2", "minilm-l6", "smollm2-135m"]
@@ -36,11 +35,17 @@ def interleaved_latency(bundles: dict[str, Path], fmt: str, feeds: dict[str, np.
     return {name: float(np.median(values)) for name, values in medians.items()}
 
 
-def bench_model(name: str, work: Path, eval_samples: int) -> dict:
-    """Each recipe x format exported on its own, so one format's failure hides nothing of the other."""
-    row: dict = {"model": name}
+def bench_model(name: str, work: Path, eval_samples: int, recipes: list[str]) -> dict:
+    """Each recipe x format exported on its own, so one format's failure hides nothing of the other.
+
+    Recipes not in ``recipes`` keep their last measurement; latency ratios need both in one run.
+    """
+    previous = json.loads(RESULTS.read_text())["rows"] if RESULTS.is_file() else []
+    row: dict = next((dict(other) for other in previous if other["model"] == name), {"model": name})
+    if len(recipes) < 2:
+        row = {key: value for key, value in row.items() if "latency" not in key}
     bundles: dict[tuple[str, str], Path] = {}
-    for recipe in ("fp32", "ptq-int8"):
+    for recipe in recipes:
         row[recipe] = {}
         for fmt in ("onnx", "pte"):
             out = work / f"{name}-{recipe}-{fmt}"
@@ -50,7 +55,7 @@ def bench_model(name: str, work: Path, eval_samples: int) -> dict:
             )
             try:
                 result = pipeline.run_export(plan)
-            except (EdgekitError, RuntimeError) as error:  # fails verification or does not lower: record, go on
+            except Exception as error:  # noqa: BLE001  (any failure of one format is recorded, the run goes on)
                 row[recipe][fmt] = {"error": f"{type(error).__name__}: {error}"}
                 continue
             bundles[(recipe, fmt)] = out
@@ -73,7 +78,9 @@ def bench_model(name: str, work: Path, eval_samples: int) -> dict:
             latency = interleaved_latency(pair, fmt, feeds)
             row[f"{fmt}_latency_ms"] = latency
             row[f"{fmt}_latency_ratio_int8_fp32"] = latency["ptq-int8"] / latency["fp32"]
-            row[f"{fmt}_size_ratio_int8_fp32"] = row["ptq-int8"][fmt]["bytes"] / row["fp32"][fmt]["bytes"]
+        sizes = [row.get(recipe, {}).get(fmt, {}).get("bytes") for recipe in ("ptq-int8", "fp32")]
+        if all(sizes):
+            row[f"{fmt}_size_ratio_int8_fp32"] = sizes[0] / sizes[1]
     return row
 
 
@@ -90,11 +97,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--eval-samples", type=int, default=64)
+    parser.add_argument("--recipes", default="fp32,ptq-int8", help="re-measure only these (others kept)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="edgekit-bench-") as tmp:
         for name in args.models.split(","):
             print(f"== {name}", file=sys.stderr)
-            write_row(bench_model(name, Path(tmp), args.eval_samples))
+            write_row(bench_model(name, Path(tmp), args.eval_samples, args.recipes.split(",")))
     rows = json.loads(RESULTS.read_text())["rows"]  # other models' rows are their last measurement
     header = ("model", "metric", "fp32", "int8 onnx", "int8 pte", "ort lat ×", "et lat ×", "onnx size ×", "pte size ×")
     print(" | ".join(header))

@@ -77,7 +77,8 @@ def weight_overrides(pre_path: Path, anchors: Sequence[Any]) -> tuple[dict[str, 
     follows."""
     from onnxruntime.quantization import QuantType
 
-    wanted = [anchor for anchor in anchors if anchor.is_weight]
+    # conv/linear weights; a scalar constant pt2e observed would match any equal scalar initializer
+    wanted = [anchor for anchor in anchors if anchor.is_weight and len(anchor.shape) >= 2]
     if not wanted:
         return {}, []
     model = onnx.load(str(pre_path), load_external_data=True)
