@@ -156,7 +156,10 @@ def _program_to_lower(bundle: ModelBundle, calib: Sequence[Mapping[str, Any]] | 
 
     if not calib:
         raise EdgekitError("int8 ExecuTorch export needs calibration data (the bundle has no pt2e program)")
-    return quantize_program(bundle.module, bundle.example_inputs, list(calib)[: bundle.quant.samples], bundle.quant)
+    samples = list(calib)[: bundle.quant.samples]
+    return quantize_program(
+        bundle.module, bundle.example_inputs, samples, bundle.quant, dynamic_axes=bundle.dynamic_axes
+    )
 
 
 def lower(exported: torch.export.ExportedProgram) -> tuple[Any, dict[str, str]]:

@@ -252,7 +252,8 @@ def _export_single(
         assert calib is not None
         say(f"quantizing to QDQ (w{spec.weight_bits}/a{spec.activation_bits}) on {len(calib)} samples")
         source = tmp / "qdq" / "model.onnx"
-        quantization, q_notes = quantize_qdq(fp32, source, spec, calib[: spec.samples], tmp / "work")
+        anchors = bundle.meta.get("range_anchors", ())
+        quantization, q_notes = quantize_qdq(fp32, source, spec, calib[: spec.samples], tmp / "work", anchors=anchors)
         notes += q_notes
     target = final / "model.onnx"
     model = onnx.load(str(source), load_external_data=True)
@@ -323,7 +324,13 @@ def _export_lm(
         say(f"quantizing prefill to QDQ ({plan}) on {len(samples)} samples")
         prefill_src = tmp / "prefill-qdq" / "prefill.onnx"
         quantization, q_notes = quantize_qdq(
-            prefill_fp32, prefill_src, spec, samples, tmp / "work-prefill", scope_prefix="model."
+            prefill_fp32,
+            prefill_src,
+            spec,
+            samples,
+            tmp / "work-prefill",
+            scope_prefix="model.",
+            anchors=bundle.meta.get("range_anchors", ()),
         )
         notes += q_notes
         decode_overrides, o_notes = _overrides_by_module(prefill_fp32, spec.overrides, "model.")
@@ -589,14 +596,17 @@ def quantize_qdq(
     scope_prefix: str = "",
     overrides: dict[str, TensorOverride] | None = None,
     op_types: Sequence[str] | None = None,
+    anchors: Sequence[Any] = (),
 ) -> tuple[dict[str, Any], list[str]]:
     """``quant_pre_process`` + one calibration pass + ``quantize_static(QDQ)`` per ``spec``.
 
     ``scope_prefix`` is what the export wrapper adds in front of the bundle's module paths (LM
     graphs are traced through a wrapper). ``overrides`` replaces ``spec.overrides`` (the decode
     graph gets the prefill's overrides translated to module paths). ``op_types`` limits
-    quantization to those op types (default: every op, full-integer). Returns a summary for the
-    manifest and notes worth reporting.
+    quantization to those op types (default: every op, full-integer). ``anchors`` are ranges a
+    torch-side calibration already chose (``ptq``'s pt2e program), located here by value (see
+    :mod:`edgekit.exporters.onnx_anchors`) and written as fixed overrides. Returns a summary for
+    the manifest and notes worth reporting.
     """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
     from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
@@ -608,6 +618,13 @@ def quantize_qdq(
     exported = onnx.load(str(fp32_path), load_external_data=False)
     scopes = module_scopes(exported, scope_prefix)
     fixed = resolve_overrides(exported, scopes, spec.overrides if overrides is None else overrides)
+    anchored: dict[str, TensorOverride] = {}
+    if anchors:
+        from edgekit.exporters.onnx_anchors import anchored_overrides
+
+        anchored, anchor_notes = anchored_overrides(fp32_path, anchors)
+        notes += anchor_notes
+        fixed = {**anchored, **fixed}  # a range the spec names explicitly wins
 
     pre = work / "pre.onnx"
     notes += _pre_process(fp32_path, pre, external, optimize=True)
@@ -630,6 +647,12 @@ def quantize_qdq(
     if keep_activations:
         notes.append("Relu/Clip kept explicit: a fixed range is set on the tensor they read")
     overrides = tensor_overrides(model, spec, fixed, _weight_modules(exported, scopes))
+    if anchors:
+        from edgekit.exporters.onnx_anchors import weight_overrides
+
+        anchored_weights, weight_notes = weight_overrides(pre, anchors)
+        overrides |= anchored_weights
+        notes += weight_notes
     reader = _FeedReader(model, feeds)
     method = {
         "minmax": CalibrationMethod.MinMax,
@@ -689,7 +712,8 @@ def quantize_qdq(
         "samples": len(feeds),
         "sixteen_bit_ops": sorted(spec.sixteen_bit_ops),
         "float_ops": sorted(spec.float_ops),
-        "fixed_overrides": sorted(fixed),
+        "fixed_overrides": sorted(set(fixed) - set(anchored)),
+        "ranges_from_pt2e": len(anchored),
         "quantized_op_types": op_types,
         "shape_only_nodes": len(excluded),
     }

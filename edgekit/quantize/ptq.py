@@ -5,10 +5,17 @@ The simulated model is torch's own pt2e flow with ExecuTorch's ``XNNPACKQuantize
 (explicit quantize/dequantize pairs). That converted program is exactly what the ExecuTorch
 exporter lowers, so the .pte and the simulated model share their scales: verification compares
 the runtime with the same arithmetic, not with a second calibration.
+
+The ONNX QDQ file gets the same ranges: every observer's scale and zero point (activations and weights) is kept
+as a :class:`RangeAnchor`, together with what the float model computed at that point on the
+first calibration sample. The ONNX exporter finds the graph tensor holding those values and writes
+the scale through onnxruntime's ``TensorQuantOverrides`` (the mechanism learned ranges use), so
+both formats quantize one set of ranges instead of calibrating twice with two tools.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -22,6 +29,31 @@ from edgekit.models.bundle import ModelBundle
 from edgekit.quantize.spec import QuantSpec
 
 CALIBRATIONS = ("minmax", "histogram")
+# values of an activation kept to recognise it in another graph (evenly spaced flat positions)
+ANCHOR_POINTS = 512
+
+
+@dataclass(frozen=True, eq=False)
+class RangeAnchor:
+    """One quantization point of the pt2e program, recognisable by value in another graph.
+
+    ``values`` are the tensor's float values at ``positions`` (flat indices): for an activation,
+    what the float model computed there on ``sample``; for a weight (``sample`` None), the weight
+    as quantized (BatchNorm already folded). ``scale``/``zero_point`` are per tensor (one element)
+    or per channel along ``axis``; the dtype is signed 8-bit, XNNPACK's.
+    """
+
+    shape: tuple[int, ...]
+    positions: np.ndarray
+    values: np.ndarray
+    scale: np.ndarray
+    zero_point: np.ndarray
+    axis: int | None = None
+    sample: Mapping[str, np.ndarray] | None = None
+
+    @property
+    def is_weight(self) -> bool:
+        return self.sample is None
 
 
 @dataclass
@@ -131,8 +163,16 @@ def annotate_clamped_gemms(model: torch.fx.GraphModule, config: Any) -> int:
     return annotated
 
 
-def to_tensors(sample: Mapping[str, Any], example: Mapping[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
-    """A calibration sample as tensors of the example inputs' dtypes and shapes (static shapes)."""
+def to_tensors(
+    sample: Mapping[str, Any],
+    example: Mapping[str, torch.Tensor],
+    where: str,
+    dynamic: Mapping[str, set[int]] | None = None,
+) -> dict[str, torch.Tensor]:
+    """A calibration sample as tensors of the example inputs' dtypes and shapes.
+
+    Axes in ``dynamic`` (input name -> axes) may differ from the example's; the rest must match.
+    """
     missing = sorted(set(example) - set(sample))
     extra = sorted(set(sample) - set(example))
     if missing or extra:
@@ -144,7 +184,12 @@ def to_tensors(sample: Mapping[str, Any], example: Mapping[str, torch.Tensor], w
     for name, reference in example.items():
         value = sample[name]
         array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
-        if tuple(array.shape) != tuple(reference.shape):
+        free = (dynamic or {}).get(name, set())
+        if array.ndim != reference.ndim or any(
+            size != expected
+            for axis, (size, expected) in enumerate(zip(array.shape, reference.shape, strict=True))
+            if axis not in free
+        ):
             raise EdgekitError(
                 f"{where}: input '{name}' has shape {list(array.shape)}, the model was exported for "
                 f"{list(reference.shape)}"
@@ -155,41 +200,144 @@ def to_tensors(sample: Mapping[str, Any], example: Mapping[str, torch.Tensor], w
     return tensors
 
 
+def dynamic_calibration_axes(
+    example: Mapping[str, torch.Tensor],
+    samples: Sequence[Mapping[str, Any]],
+    declared: Mapping[str, Mapping[int, str]],
+) -> dict[str, set[int]]:
+    """The declared dynamic axes along which some calibration sample differs from the example.
+
+    Only those are traced dynamic: a text encoder calibrated on windows longer than its example
+    sentence needs a dynamic sequence axis, an image model calibrated at its example size stays
+    fully static (so shape arithmetic stays out of its quantized program).
+    """
+    axes: dict[str, set[int]] = {}
+    for name, declared_axes in declared.items():
+        if name not in example:
+            continue
+        for axis in declared_axes:
+            sizes = {
+                np.shape(sample[name])[axis] for sample in samples if name in sample and np.ndim(sample[name]) > axis
+            }
+            if sizes - {example[name].shape[axis]}:
+                axes.setdefault(name, set()).add(axis)
+    return axes
+
+
 def quantize_program(
     module: torch.nn.Module,
     example_inputs: Mapping[str, torch.Tensor],
     samples: Sequence[Mapping[str, Any]],
     spec: QuantSpec,
     *,
+    dynamic_axes: Mapping[str, Mapping[int, str]] | None = None,
     xnnpack_rewrites: bool = True,
 ) -> torch.fx.GraphModule:
     """Export, annotate for XNNPACK, calibrate on ``samples`` and convert: the pt2e int8 program.
 
-    Shapes are static (the example inputs'): the .pte is static, and a static graph keeps
-    shape arithmetic (masks, slices) out of the quantized program. ``xnnpack_rewrites`` applies
-    the exact graph rewrites below that XNNPACK needs (off only to test that they are exact).
+    Shapes are the example inputs', except the ``dynamic_axes`` along which calibration samples
+    differ (see :func:`dynamic_calibration_axes`); the .pte is re-exported at the example shape.
+    ``xnnpack_rewrites`` applies the exact graph rewrites below that XNNPACK needs (off only to
+    test that they are exact).
     """
+    return _quantize(module, example_inputs, samples, spec, dynamic_axes or {}, xnnpack_rewrites)[0]
+
+
+def _quantize(
+    module: torch.nn.Module,
+    example_inputs: Mapping[str, torch.Tensor],
+    samples: Sequence[Mapping[str, Any]],
+    spec: QuantSpec,
+    dynamic_axes: Mapping[str, Mapping[int, str]],
+    xnnpack_rewrites: bool = True,
+) -> tuple[torch.fx.GraphModule, list[RangeAnchor]]:
+    """:func:`quantize_program`, plus the anchors of its activation ranges (first sample)."""
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     if not samples:
         raise EdgekitError("ptq needs calibration data, got none")
-    batches = [to_tensors(s, example_inputs, f"calibration sample {i}") for i, s in enumerate(samples)]
+    dynamic = dynamic_calibration_axes(example_inputs, samples, dynamic_axes)
+    batches = [to_tensors(s, example_inputs, f"calibration sample {i}", dynamic) for i, s in enumerate(samples)]
+    shapes = {name: {axis: torch.export.Dim.AUTO for axis in dynamic.get(name, ())} for name in example_inputs}
     module.eval()
     with torch.no_grad():
         example = {name: tensor.contiguous() for name, tensor in example_inputs.items()}
-        exported = torch.export.export(module, (), example, strict=False)
+        exported = torch.export.export(module, (), example, dynamic_shapes=shapes if dynamic else None, strict=False)
         graph_module = exported.module()
         if xnnpack_rewrites:
             strip_noop_conversions(graph_module)
             relu6_as_hardtanh(graph_module)
         prepared = prepare_pt2e(graph_module, xnnpack_quantizer(spec))
-        for batch in batches:
+        with _recording_activations(prepared) as recorded:
+            prepared(**batches[0])
+        for batch in batches[1:]:
             prepared(**batch)
+        anchors = _anchors(recorded, {name: t.numpy() for name, t in batches[0].items()})
         converted = convert_pt2e(prepared)
     if xnnpack_rewrites:
         collapse_identity_requantize(converted)
         requantize_before_copies(converted)
-    return converted
+    return converted, anchors
+
+
+@contextlib.contextmanager
+def _recording_activations(prepared: torch.fx.GraphModule):
+    """Record what each observer sees during one forward, in call order.
+
+    Yields a list of (observer, tensor, is_weight); an observer shared by several points
+    (SharedQuantizationSpec) appears once per point.
+    """
+    observers: dict[int, tuple[torch.nn.Module, bool]] = {}
+    for node in prepared.graph.nodes:
+        if node.op != "call_module" or not node.args or not isinstance(node.args[0], torch.fx.Node):
+            continue
+        observer = prepared.get_submodule(str(node.target))
+        if hasattr(observer, "calculate_qparams"):
+            observers[id(observer)] = (observer, node.args[0].op == "get_attr")
+    recorded: list[tuple[torch.nn.Module, torch.Tensor, bool]] = []
+
+    def hook(observer: torch.nn.Module, inputs: tuple, _output: Any) -> None:
+        if inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].is_floating_point():
+            recorded.append((observer, inputs[0].detach().clone(), observers[id(observer)][1]))
+
+    handles = [observer.register_forward_hook(hook) for observer, _ in observers.values()]
+    try:
+        yield recorded
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+_PER_TENSOR = (torch.per_tensor_affine, torch.per_tensor_symmetric)
+_PER_CHANNEL = (torch.per_channel_affine, torch.per_channel_symmetric)
+
+
+def _anchors(
+    recorded: Sequence[tuple[torch.nn.Module, torch.Tensor, bool]], sample: Mapping[str, np.ndarray]
+) -> list[RangeAnchor]:
+    """Each recorded tensor with its observer's final (all samples) int8 scale and zero point."""
+    anchors = []
+    for observer, tensor, is_weight in recorded:
+        if observer.dtype != torch.int8:
+            continue
+        qscheme = getattr(observer, "qscheme", None)
+        if qscheme not in _PER_TENSOR + _PER_CHANNEL:
+            continue
+        scale, zero_point = observer.calculate_qparams()
+        flat = tensor.float().reshape(-1).numpy()
+        positions = np.unique(np.linspace(0, flat.size - 1, min(flat.size, ANCHOR_POINTS)).astype(np.int64))
+        anchors.append(
+            RangeAnchor(
+                shape=tuple(tensor.shape),
+                positions=positions,
+                values=flat[positions].copy(),
+                scale=scale.detach().float().reshape(-1).numpy().copy(),
+                zero_point=zero_point.detach().reshape(-1).numpy().astype(np.int64),
+                axis=int(observer.ch_axis) if qscheme in _PER_CHANNEL else None,
+                sample=None if is_weight else sample,
+            )
+        )
+    return anchors
 
 
 _CONVERSIONS = {"aten.to.dtype", "aten.to.dtype_layout", "aten._to_copy.default", "aten.alias.default"}
@@ -338,13 +486,15 @@ def apply(bundle: ModelBundle, data: Sequence[Mapping[str, Any]], config: Config
 
     ``data`` holds calibration input dicts named like ``bundle.example_inputs``; the first
     ``config.samples`` are used. ``meta["pt2e_program"]`` is the same converted program, kept
-    for the ExecuTorch exporter so that it lowers these scales instead of recalibrating.
+    for the ExecuTorch exporter so that it lowers these scales instead of recalibrating;
+    ``meta["range_anchors"]`` carries the same scales to the ONNX exporter.
     """
     spec = spec_from_config(config)
     samples = list(data)[: config.samples]
-    program = quantize_program(bundle.module, bundle.example_inputs, samples, spec)
+    program, anchors = _quantize(bundle.module, bundle.example_inputs, samples, spec, bundle.dynamic_axes)
     meta = dict(bundle.meta)
     meta["pt2e_program"] = program
+    meta["range_anchors"] = anchors
     meta["ptq"] = {
         "samples_used": len(samples),
         "quantized_ops": _count_quantized_ops(program),

@@ -136,3 +136,39 @@ def test_relu6_is_quantized_after_the_clamp(calibration) -> None:
     (quantize,) = clamp.users
     scale, zero_point = quantize.args[1], quantize.args[2]
     assert quantize.target == Q_TENSOR and zero_point == -128 and scale <= 6.0 / 255 + 1e-9
+
+
+class _TinyEncoder(nn.Module):
+    """Token features -> linear -> residual add -> mean over the sequence: a text encoder's shape."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head((tokens + self.proj(tokens)).mean(dim=1))
+
+
+def test_calibration_longer_than_the_example_traces_a_dynamic_sequence() -> None:
+    torch.manual_seed(0)
+    bundle = ModelBundle(
+        spec="tiny:encoder",
+        module=_TinyEncoder().eval(),
+        example_inputs={"tokens": torch.randn(1, 5, 16)},
+        task="text-encoder",
+        dynamic_axes={"tokens": {1: "sequence"}},
+    )
+    rng = np.random.default_rng(0)
+    data = [{"tokens": rng.standard_normal((1, length, 16)).astype(np.float32)} for length in (12, 9, 12, 7)]
+    assert ptq.dynamic_calibration_axes(bundle.example_inputs, data, bundle.dynamic_axes) == {"tokens": {1}}
+    quantized = ptq.apply(bundle, data, ptq.Config(samples=4))
+    probe = [{"tokens": rng.standard_normal((1, length, 16)).astype(np.float32)} for length in (6, 30)]
+    for sample in probe:  # lengths never calibrated run, quantized, close to float (4 outputs, 4 samples)
+        reference, simulated = _outputs(bundle.module, [sample]), _outputs(quantized.simulated, [sample])
+        assert 0 < np.abs(reference - simulated).max() < 0.5 * np.abs(reference).max()
+    with pytest.raises(EdgekitError, match=r"shape \[1, 9, 8\]"):  # the feature axis stays static
+        ptq.apply(bundle, [{"tokens": np.zeros((1, 9, 8), np.float32)}], ptq.Config())
+    anchors = quantized.meta["range_anchors"]
+    assert {anchor.shape for anchor in anchors if anchor.is_weight} == {(16, 16), (4, 16)}
+    assert any(not anchor.is_weight and anchor.shape == (1, 12, 16) for anchor in anchors)  # first sample's length
