@@ -10,7 +10,6 @@ Training runs at a reduced budget (BUDGET below, recorded in the JSON): the mach
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
