@@ -210,7 +210,7 @@ def exit_perplexities(
             picked[depth] = log_softmax(np.asarray(logits)[0])[rows, targets]
             nll[depth] = nll.get(depth, 0.0) - float(picked[depth].sum())
         for name, thresholds in dynamic.items():
-            chosen = dynamic_exit_depths({d: np.asarray(l)[0, rows] for d, l in per_depth.items()}, thresholds)
+            chosen = dynamic_exit_depths({d: np.asarray(out)[0, rows] for d, out in per_depth.items()}, thresholds)
             dynamic_nll[name] -= float(sum(picked[int(d)][i] for i, d in enumerate(chosen)))
             dynamic_depth[name] += float(chosen.sum())
         scored += targets.size

@@ -152,8 +152,9 @@ def test_dynamic_perplexity_from_exit_logits(model: CausalLMWithCache) -> None:
         torch_exit_logits(model, DEPTHS), tokens, window=16, stride=8, dynamic={"never": [2.0], "always": [0.0]}
     )
     for depth in DEPTHS:
+        sub = truncated(model, depth)
         with torch.no_grad():
-            expected = perplexity(lambda ids: truncated(model, depth)(torch.from_numpy(ids)).numpy(), tokens, 16, 8)
+            expected = perplexity(lambda ids, sub=sub: sub(torch.from_numpy(ids)).numpy(), tokens, 16, 8)
         assert per_depth[depth] == pytest.approx(expected, rel=1e-5)
     assert dynamic["never"]["perplexity"] == pytest.approx(per_depth[6], rel=1e-6)
     assert dynamic["always"]["perplexity"] == pytest.approx(per_depth[2], rel=1e-6)
