@@ -13,6 +13,7 @@ embedding used by the first segment and the head is one copy).
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -234,3 +235,116 @@ def torch_exit_logits(model: CausalLMWithCache, depths: list[int]) -> Callable[[
         return {depth: value.float().numpy() for depth, value in logits.items()}
 
     return run
+
+
+# -- the pipeline's ONNX stage for sorted bundles ----------------------------------------------------
+def _verify_depths(
+    model: CausalLMWithCache, runner: SortedModel, ids: np.ndarray, depths: list[int], task: str
+) -> dict:
+    """Torch sub-model vs the runtime's, per depth; the pipeline's three-way keys for the full depth.
+
+    The torch float and simulated models are the same here (truncation is exact, nothing is
+    quantized), so ``simulated_vs_float`` is an identity and the runtime is checked against both.
+    """
+    from edgekit.exporters.verify import compare
+
+    reference = torch_exit_logits(model, depths)(ids)
+    exported = runner.all_exit_logits(ids)
+    per_depth = {str(depth): compare(reference[depth], exported[depth], task) for depth in depths}
+    full = per_depth[str(depths[-1])]
+    return {
+        "samples": 1,
+        "tokens": int(ids.shape[1]),
+        "runtime_vs_simulated": full,
+        "runtime_vs_float": full,
+        "simulated_vs_float": compare(reference[depths[-1]], reference[depths[-1]], task),
+        "per_depth": per_depth,
+    }
+
+
+def sorted_onnx_format(
+    bundle, directory: Path, shapes: dict[str, tuple], verify_config, threads: int | None = None
+) -> tuple[FormatSpec, list, dict[str, Any]]:
+    """Export every depth into ``directory``, then verify and measure each depth in onnxruntime.
+
+    Returns the manifest's format entry (with ``details["sorted"]``: depths, segments,
+    thresholds, per-depth latency and held-out perplexity), the op statistics of the full-depth
+    path, and the report's extra facts (per-depth verification, bundle size vs one full-depth
+    bundle). A depth that disagrees with torch beyond the recipe's tolerance fails the export.
+    """
+    from edgekit.data.wikipedia import token_stream
+    from edgekit.errors import EdgekitError
+    from edgekit.exporters.onnx import export_onnx
+    from edgekit.exporters.onnx_ops import onnx_op_stats
+    from edgekit.progress import step
+
+    settings = bundle.meta["sorted"]
+    model: CausalLMWithCache = bundle.module
+    depths = list(settings["depths"])
+    info: dict[str, Any] = {
+        "depths": depths,
+        "segments": segments_of(depths),
+        "head": HEAD,
+        "num_kv_heads": model.num_kv_heads,
+        "head_dim": model.head_dim,
+        "thresholds": list(settings["thresholds"]),
+        "training": settings.get("training", {}),
+    }
+    with tempfile.TemporaryDirectory(prefix=".sorted-export-", dir=directory.parent) as tmp:
+        with step(f"exporting {len(depths)} segments + head to ONNX"):
+            paths = export_graphs(model, depths, directory, Path(tmp))
+        runner = SortedModel(directory, info, {name: path.name for name, path in paths.items()}, threads)
+        tokens = token_stream(bundle.tokenizer, "eval", max(settings["eval_tokens"], 64))
+        with step("verifying every depth (torch vs onnxruntime)"):
+            verification = _verify_depths(model, runner, tokens[None, :64], depths, bundle.task)
+        failures = [
+            f"depth {depth}: SQNR {check['sqnr_db']:.1f} dB"
+            for depth, check in verification["per_depth"].items()
+            if check["sqnr_db"] < verify_config.min_sqnr_db
+            or check.get("top1_agreement", 1.0) < verify_config.min_top1_agreement
+        ]
+        if failures:
+            raise EdgekitError(f"onnx export disagrees with torch: {'; '.join(failures)}")
+        with step(f"perplexity of every depth on {tokens.size} held-out Wikipedia tokens (onnxruntime)"):
+            per_depth, dynamic = exit_perplexities(
+                runner.all_exit_logits, tokens, dynamic={"default": info["thresholds"]}
+            )
+            float_per_depth, _ = exit_perplexities(torch_exit_logits(model, depths), tokens)
+        with step("timing every depth (prefill and decode)"):
+            latency = measure_latency(runner, settings["latency_prompt"], settings["latency_decode"])
+        info["latency"] = latency
+        info["quality"] = [
+            {
+                "depth": depth,
+                "metric": "perplexity",
+                "dataset": "wikipedia:eval",
+                "tokens": int(tokens.size),
+                "value": ppl,
+            }
+            for depth, ppl in per_depth.items()
+        ]
+        info["dynamic_quality"] = dynamic["default"]
+        size = sum(path.stat().st_size for path in [*paths.values(), directory / WEIGHTS_FILE])
+        quality = {
+            "metric": "perplexity",
+            "tokens": int(tokens.size),
+            "float": float_per_depth[depths[-1]],
+            "export": per_depth[depths[-1]],
+            "per_depth": {str(d): {"float": float_per_depth[d], "export": per_depth[d]} for d in depths},
+            "dynamic": dynamic["default"],
+        }
+        extra: dict[str, Any] = {"verification": verification, "quality": quality, "bytes": size}
+        if settings.get("compare_size", True):
+            with step("exporting one full-depth bundle to compare sizes"):
+                plain = dict(bundle.meta)
+                plain.pop("sorted")
+                scratch = Path(tmp) / "full-depth"
+                full = export_onnx(bundle.replace(meta=plain), scratch)
+                extra["full_depth_bytes"] = full.total_bytes
+                extra["size_ratio"] = size / full.total_bytes
+    spec = format_spec(paths, directory, info)
+    ops = []
+    for name in [*(segment["graph"] for segment in info["segments"]), HEAD]:
+        length = int(shapes.get("input_ids", (1, 64))[-1])
+        ops += onnx_op_stats(paths[name], {"input_ids": (1, length), "hidden": (1, length, model.config.hidden_size)})
+    return spec, ops, extra

@@ -14,7 +14,7 @@ import dataclasses
 import hashlib
 import json
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from edgekit.sorted.data import WIKIPEDIA
 from edgekit.sorted.train import TrainConfig, TrainResult, load_weights, save_weights, train
 
 CACHE_VERSION = 1
+PAPER_THRESHOLDS = (0.95, 0.95, 0.9, 0.9, 0.8, 0.8, 0.7)  # Sorted LLaMA, layers 12..36
 
 
 @dataclass
@@ -40,10 +41,18 @@ class Config(TrainConfig):
 
     train: bool = True  # false: export the pretrained model's sub-models as they are (early exit)
     checkpoint: str | None = None  # a directory for the trained weights instead of the cache
-    thresholds: list[float] = field(default_factory=lambda: [0.95, 0.95, 0.9, 0.9, 0.8, 0.8, 0.7])
+    thresholds: list[float] | None = None
     eval_tokens: int = 4096  # held-out Wikipedia tokens for each depth's perplexity in the manifest
     latency_prompt: int = 256  # prompt length of the per-depth prefill latency
     latency_decode: int = 32  # decode steps of the per-depth tokens/s
+    compare_size: bool = True  # also export one full-depth bundle, to report the size ratio
+
+
+def default_thresholds(count: int) -> list[float]:
+    """The paper's exit thresholds for seven depths; otherwise the same 0.95 -> 0.7 spread."""
+    if count == len(PAPER_THRESHOLDS):
+        return list(PAPER_THRESHOLDS)
+    return [round(0.95 - 0.25 * i / max(1, count - 1), 3) for i in range(count)]
 
 
 def training_settings(config: TrainConfig, num_layers: int) -> TrainConfig:
@@ -110,7 +119,7 @@ def apply(bundle: ModelBundle, data: object, config: Config) -> ModelBundle:
     if bundle.task != "causal-lm" or not isinstance(module, CausalLMWithCache):
         raise EdgekitError(f"the sorted recipe needs a LLaMA-family causal LM; {bundle.spec} is a {bundle.task}")
     depths = config.resolved_depths(module.num_layers)
-    thresholds = list(config.thresholds)
+    thresholds = list(config.thresholds) if config.thresholds is not None else default_thresholds(len(depths))
     if len(thresholds) not in (1, len(depths)):
         raise EdgekitError(f"thresholds: give one value or one per depth ({len(depths)}), got {len(thresholds)}")
     if len(thresholds) == 1:
@@ -140,5 +149,6 @@ def apply(bundle: ModelBundle, data: object, config: Config) -> ModelBundle:
         "eval_tokens": config.eval_tokens,
         "latency_prompt": config.latency_prompt,
         "latency_decode": config.latency_decode,
+        "compare_size": config.compare_size,
     }
     return bundle.replace(simulated=module, meta={**bundle.meta, "sorted": sorted_meta})
