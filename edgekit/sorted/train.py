@@ -36,12 +36,13 @@ HISTORY_FILE = "training.json"
 class TrainConfig:
     """Budget and method settings. ``depths=None`` means :func:`default_depths` (12..30 step 3).
 
-    The default budget (80 steps × 4 × 128 tokens) was sized from SoFT steps measured on SmolLM2
-    here (~30-65 s per 512-token step on 2 cores, depending on load) to finish within ~40 min.
+    The default budget (60 steps × 4 × 128 tokens) is sized from SoFT steps measured on SmolLM2
+    here: 69 s per 512-token step with 2 threads on the 2-core CPU while other jobs ran (load ~3.5),
+    so about 30-40 min when the machine is quiet. An estimate, not a timing of the full default run.
     """
 
     depths: list[int] | None = None
-    steps: int = 80
+    steps: int = 60
     seq_len: int = 128
     batch: int = 4
     grad_accum: int = 1
