@@ -208,6 +208,12 @@ def run_bundle(
     prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="text prompt (language-model bundles)")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 32,
     fmt: Annotated[str | None, typer.Option("--format", "-f", help="onnx or pte (default: onnx if present)")] = None,
+    depth: Annotated[
+        str | None, typer.Option("--depth", help="sorted bundles: a depth, 'auto' (with --budget-ms) or 'dynamic'")
+    ] = None,
+    budget_ms: Annotated[
+        float | None, typer.Option("--budget-ms", help="sorted bundles: deepest depth within this decode ms/token")
+    ] = None,
 ) -> None:
     """Run a bundle in the edge runtime on an .npz input or a prompt."""
     import numpy as np
@@ -218,9 +224,24 @@ def run_bundle(
     if prompt is not None:
         tokenizer = session.tokenizer
         ids = tokenizer.encode(prompt).ids
-        generated = session.generate(ids, max_new_tokens)
+        if session.is_sorted:
+            from edgekit.runtime.sorted import SortedModel
+
+            eos = set((session.manifest.language_model or {}).get("eos_token_ids", []))
+            result = SortedModel.from_session(session).generate(
+                ids, max_new_tokens, depth=depth, budget_ms=budget_ms, eos_ids=eos
+            )
+            console.print(prompt + tokenizer.decode(result.tokens), highlight=False, markup=False)
+            console.print(
+                f"[dim]{result.depth_mode}: {len(result.tokens)} tokens in {result.seconds:.2f} s, "
+                f"mean depth {result.mean_depth:.1f}[/]"
+            )
+            return
+        generated = session.generate(ids, max_new_tokens, depth=depth, budget_ms=budget_ms)
         console.print(prompt + tokenizer.decode(generated), highlight=False, markup=False)
         return
+    if depth is not None or budget_ms is not None:
+        raise EdgekitError("--depth and --budget-ms apply to --prompt on a sorted bundle")
     if input_file is None:
         raise EdgekitError("pass --input x.npz (or --prompt for a language-model bundle)")
     if not input_file.is_file():

@@ -97,6 +97,10 @@ def plan_export(
     if fmt not in (*FORMATS, "all"):
         raise EdgekitError(f"unknown format '{fmt}' (onnx, pte or all)")
     formats = list(FORMATS) if fmt == "all" else [fmt]
+    if resolved_recipe.transform == "sorted":  # a many-depth bundle is ONNX segments + head
+        if fmt == "pte":
+            raise EdgekitError("the sorted recipe exports ONNX only (--format onnx)")
+        formats = ["onnx"]
     _check_model_spec(model)
     _check_out(out, force)
     if eval_samples <= 0:
@@ -123,12 +127,18 @@ class FormatExport:
 
     spec: FormatSpec
     ops: list
+    extra: dict[str, Any] = field(default_factory=dict)  # format-specific report facts (sorted: per depth)
 
 
 def _onnx_format(bundle: ModelBundle, directory: Path, calib: list, shapes: dict[str, tuple]) -> FormatExport:
     from edgekit.exporters.onnx import export_onnx
     from edgekit.exporters.onnx_ops import onnx_op_stats
 
+    if "sorted" in bundle.meta:  # every depth in one bundle, measured per depth (edgekit.sorted.export)
+        from edgekit.sorted.export import sorted_onnx_format
+
+        spec, ops, extra = sorted_onnx_format(bundle, directory, shapes, bundle.meta["sorted"]["verify"])
+        return FormatExport(spec, ops, extra)
     export = export_onnx(bundle, directory, calib or None)
     graphs = {
         ("main" if role == "model" else role): GraphSpec(
@@ -334,6 +344,8 @@ def run_export(plan: ExportPlan) -> ExportResult:
     )
     with step(f"transform '{recipe.transform}'"):
         transformed = recipe.transform_module().apply(bundle, calib, settings)
+    if "sorted" in transformed.meta:  # the sorted exporter verifies each depth against these
+        transformed.meta["sorted"]["verify"] = recipe.verify
 
     plan.out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{plan.out.name}.partial-", dir=plan.out.parent))
@@ -359,6 +371,7 @@ def run_export(plan: ExportPlan) -> ExportResult:
             formats=formats,
             language_model=_language_model_facts(bundle, staging),
             timesteps=transformed.meta.get("timesteps"),
+            depths=transformed.meta.get("sorted", {}).get("depths"),
             edgekit_version=__version__,
             created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         )
@@ -377,9 +390,13 @@ def run_export(plan: ExportPlan) -> ExportResult:
 
         per_format: dict[str, Any] = {}
         for fmt, spec in formats.items():
-            with step(f"verifying {fmt} (float / simulated / runtime)"):
-                verification = verify(transformed, staging, fmt, verify_inputs, recipe)
-            quality = evaluate_quality(transformed, staging, fmt, plan.eval_samples)
+            if "sorted" in spec.details:  # verified and measured per depth during the export
+                verification = exports[fmt].extra["verification"]
+                quality = exports[fmt].extra["quality"]
+            else:
+                with step(f"verifying {fmt} (float / simulated / runtime)"):
+                    verification = verify(transformed, staging, fmt, verify_inputs, recipe)
+                quality = evaluate_quality(transformed, staging, fmt, plan.eval_samples)
             stats = exports[fmt].ops
             size = _format_bytes(staging, spec)
             device_format = "onnx-qdq" if fmt == "onnx" and transformed.quant is not None else fmt
@@ -393,8 +410,12 @@ def run_export(plan: ExportPlan) -> ExportResult:
                 "ops": [dataclasses.asdict(stat) for stat in stats],
                 "device_check": check.as_dict(),
                 "cost_estimate": cost.as_dict(),
-                "latency_ms": _latency(staging, fmt, verify_inputs[0]),
             }
+            if "sorted" in spec.details:  # full-depth prefill latency here; every depth's in the manifest
+                entry["latency_ms"] = spec.details["sorted"]["latency"][-1]["prefill_ms"]
+                entry.update({k: v for k, v in exports[fmt].extra.items() if k not in ("verification", "quality")})
+            else:
+                entry["latency_ms"] = _latency(staging, fmt, verify_inputs[0])
             if fmt in baseline_formats:
                 baseline_bytes = _format_bytes(scratch, baseline_formats[fmt])
                 entry["baseline"] = {

@@ -34,6 +34,7 @@ TRANSFORMS: dict[str, str] = {
     "ptq": "edgekit.quantize.ptq",
     "snn-iir": "edgekit.snn.recipe",
     "mobilequant": "edgekit.quantize.mobilequant",
+    "sorted": "edgekit.sorted.recipe",
 }
 
 

@@ -99,10 +99,33 @@ class Session:
             self._tokenizer = Tokenizer.from_file(str(self.directory / file))
         return self._tokenizer
 
-    def generate(self, prompt_ids: list[int], max_new_tokens: int = 32, stop_at_eos: bool = True) -> list[int]:
-        """Greedy decoding: one prefill, then one decode-graph step per token with the KV cache."""
+    @property
+    def is_sorted(self) -> bool:
+        """True for a many-depth (sorted) bundle: segments + head, see :mod:`edgekit.runtime.sorted`."""
+        return bool(self.manifest.depths) and "sorted" in self.manifest.formats[self.format].details
+
+    def generate(
+        self,
+        prompt_ids: list[int],
+        max_new_tokens: int = 32,
+        stop_at_eos: bool = True,
+        depth: int | str | None = None,
+        budget_ms: float | None = None,
+    ) -> list[int]:
+        """Greedy decoding: one prefill, then one decode-graph step per token with the KV cache.
+
+        Sorted bundles also take ``depth`` (a depth, ``"auto"`` with ``budget_ms``, or ``"dynamic"``).
+        """
         if not self.is_language_model:
             raise EdgekitError("generate() needs a causal-LM bundle")
+        if self.is_sorted:
+            from edgekit.runtime.sorted import SortedModel
+
+            eos = set((self.manifest.language_model or {}).get("eos_token_ids", [])) if stop_at_eos else set()
+            runner = SortedModel.from_session(self)
+            return runner.generate(prompt_ids, max_new_tokens, depth=depth, budget_ms=budget_ms, eos_ids=eos).tokens
+        if depth is not None or budget_ms is not None:
+            raise EdgekitError("--depth and --budget-ms need a sorted bundle (edgekit export --recipe sorted)")
         if "decode" not in self.graphs:
             raise EdgekitError(f"the {self.format} export has no decode graph; use the onnx export to generate")
         if not prompt_ids:

@@ -1,0 +1,154 @@
+"""The ``sorted`` transform: sorted fine-tuning (or its cached result), then a many-depth export.
+
+``apply`` fine-tunes the model with SoFT (every configured depth's loss each step), or loads the
+weights of an identical earlier run from the cache (``~/.cache/edgekit/sorted-<key>``, keyed by
+the source model's hash and every training setting) or from ``checkpoint`` (a user directory).
+A run that stops part-way leaves its resume state beside the entry, and the next run continues it.
+The returned bundle's ``meta["sorted"]`` tells the ONNX exporter to write one bundle holding every
+depth (see :mod:`edgekit.sorted.export`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgekit.cache import atomic_directory, cache_root, file_sha256, is_valid
+from edgekit.errors import EdgekitError
+from edgekit.models.bundle import ModelBundle
+from edgekit.models.llama import CausalLMWithCache
+from edgekit.sorted.data import WIKIPEDIA
+from edgekit.sorted.train import TrainConfig, TrainResult, load_weights, save_weights, train
+
+CACHE_VERSION = 1
+PAPER_THRESHOLDS = (0.95, 0.95, 0.9, 0.9, 0.8, 0.8, 0.7)  # Sorted LLaMA, layers 12..36
+
+
+@dataclass
+class Config(TrainConfig):
+    """Training budget (see :class:`TrainConfig`) plus what the export measures and ships.
+
+    ``thresholds``: per-token dynamic inference exits at the first depth whose top-token
+    probability reaches its threshold; one value per depth (the last, full depth always accepts)
+    or one value for all. The paper's LLaMA-13B values run from 0.95 at the shallowest exit to
+    0.7 at the deepest; ours are recorded in the manifest and can be changed at run time.
+    """
+
+    train: bool = True  # false: export the pretrained model's sub-models as they are (early exit)
+    checkpoint: str | None = None  # a directory for the trained weights instead of the cache
+    thresholds: list[float] | None = None
+    eval_tokens: int = 4096  # held-out Wikipedia tokens for each depth's perplexity in the manifest
+    latency_prompt: int = 256  # prompt length of the per-depth prefill latency
+    latency_decode: int = 32  # decode steps of the per-depth tokens/s
+    compare_size: bool = True  # also export one full-depth bundle, to report the size ratio
+
+
+def default_thresholds(count: int) -> list[float]:
+    """The paper's exit thresholds for seven depths; otherwise the same 0.95 -> 0.7 spread."""
+    if count == len(PAPER_THRESHOLDS):
+        return list(PAPER_THRESHOLDS)
+    return [round(0.95 - 0.25 * i / max(1, count - 1), 3) for i in range(count)]
+
+
+def training_settings(config: TrainConfig, num_layers: int) -> TrainConfig:
+    """The :class:`TrainConfig` part of a recipe config, depths resolved (what the cache key hashes)."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {name: getattr(config, name) for name in names}
+    values["depths"] = config.resolved_depths(num_layers)
+    return TrainConfig(**values)
+
+
+def cache_key(source_hash: str, config: TrainConfig) -> str:
+    settings = dataclasses.asdict(config)
+    settings.pop("save_every", None)  # how often to checkpoint does not change the result
+    if config.data != WIKIPEDIA:
+        settings["data"] = file_sha256(Path(config.data).expanduser())
+    blob = json.dumps({"source": source_hash, "settings": settings, "v": CACHE_VERSION}, sort_keys=True)
+    return "sorted-" + hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def fine_tuned(
+    model: CausalLMWithCache,
+    tokenizer,
+    config: TrainConfig,
+    source_hash: str,
+    *,
+    checkpoint: str | Path | None = None,
+    separator_id: int | None = None,
+    description: str = "sorted fine-tuning",
+) -> tuple[TrainResult, Path]:
+    """Train ``model`` in place, or load the finished weights of the same run; returns its record.
+
+    With ``checkpoint`` the weights live there (``model.pt`` + ``training.json``) and the resume
+    state in ``checkpoint/resume``; otherwise in the edgekit cache, hash-checked.
+    """
+    settings = training_settings(config, model.num_layers)
+    if checkpoint is not None:
+        target = Path(checkpoint).expanduser()
+        if target.exists() and not target.is_dir():
+            raise EdgekitError(f"checkpoint {target} exists and is not a directory")
+        if (target / "model.pt").is_file():
+            recorded = load_weights(model, target)
+            if recorded.depths != settings.resolved_depths(model.num_layers) or recorded.steps != settings.steps:
+                raise EdgekitError(f"{target} holds a run with other depths or steps; use another checkpoint directory")
+            return recorded, target
+        result = train(
+            model, tokenizer, settings, target / "resume", separator_id=separator_id, description=description
+        )
+        save_weights(model, result, target)
+        shutil.rmtree(target / "resume", ignore_errors=True)
+        return result, target
+    entry = cache_root() / cache_key(source_hash, settings)
+    if is_valid(entry):
+        return load_weights(model, entry), entry
+    resume = entry.with_name(entry.name + ".resume")
+    result = train(model, tokenizer, settings, resume, separator_id=separator_id, description=description)
+    atomic_directory(entry, lambda tmp: save_weights(model, result, tmp), {"settings": dataclasses.asdict(settings)})
+    shutil.rmtree(resume, ignore_errors=True)
+    return result, entry
+
+
+def apply(bundle: ModelBundle, data: object, config: Config) -> ModelBundle:
+    """Fine-tune (or load) the sorted model; the exporter then writes every depth in one bundle."""
+    module = bundle.module
+    if bundle.task != "causal-lm" or not isinstance(module, CausalLMWithCache):
+        raise EdgekitError(f"the sorted recipe needs a LLaMA-family causal LM; {bundle.spec} is a {bundle.task}")
+    depths = config.resolved_depths(module.num_layers)
+    thresholds = list(config.thresholds) if config.thresholds is not None else default_thresholds(len(depths))
+    if len(thresholds) not in (1, len(depths)):
+        raise EdgekitError(f"thresholds: give one value or one per depth ({len(depths)}), got {len(thresholds)}")
+    if len(thresholds) == 1:
+        thresholds = thresholds * len(depths)
+    training: dict[str, Any] = {"trained": False}
+    if config.train:
+        result, where = fine_tuned(
+            module,
+            bundle.tokenizer,
+            config,
+            bundle.source_hash,
+            checkpoint=config.checkpoint,
+            separator_id=bundle.meta.get("document_separator_id"),
+        )
+        final = result.history[-1] if result.history else {}
+        training = {
+            "trained": True,
+            "weights": str(where),
+            "steps": result.steps,
+            "final_losses": final.get("per_depth"),
+        }
+    module.eval()
+    sorted_meta = {
+        "depths": depths,
+        "thresholds": thresholds,
+        "training": training,
+        "eval_tokens": config.eval_tokens,
+        "latency_prompt": config.latency_prompt,
+        "latency_decode": config.latency_decode,
+        "compare_size": config.compare_size,
+    }
+    return bundle.replace(simulated=module, meta={**bundle.meta, "sorted": sorted_meta})
