@@ -4,7 +4,9 @@ Rows: fp32, ptq-int8 (onnxruntime MinMax W8A8), SmoothQuant α=0.5 + MinMax (sam
 MobileQuant W8A8), MobileQuant W8A8, W8A8 int8-only, W4A8. Per row: bits, perplexity on the
 Wikipedia evaluation split (the .onnx prefill graph in onnxruntime, 256-token windows), ratio to
 fp32, file size, prefill latency ratio to fp32 (256 tokens, interleaved in this process),
-calibration (transform) time, and the Snapdragon 8 Gen 3 NPU profile's integer coverage.
+calibration (transform) time, and the Snapdragon 8 Gen 3 NPU profile's integer coverage. Rows that
+learn in torch also report the perplexity of their simulated (fake-quant) model on the same tokens,
+so a gap between the simulation and the exported file shows up in the table.
 
 Budget flags override the recipes' defaults (``--samples``, ``--seq-len``, ``--epochs``) and
 ``--layers`` benchmarks the first N decoder layers only (then final norm + head), for machines
@@ -78,6 +80,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=None)
     parser.add_argument("--seq-len", type=int, default=None)
     parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--eval-tokens", type=int, default=8192)
     parser.add_argument("--rows", default=",".join(ROWS))
     parser.add_argument("--latency-rounds", type=int, default=3)
@@ -85,7 +88,7 @@ def main() -> None:
 
     bundle = load_bundle(args.layers)
     tokens = token_stream(bundle.tokenizer, "eval", max_tokens=args.eval_tokens)
-    settings = {"samples": args.samples, "seq_len": args.seq_len, "epochs": args.epochs}
+    settings = {"samples": args.samples, "seq_len": args.seq_len, "epochs": args.epochs, "batch_size": args.batch_size}
     rows: list[dict] = []
     sessions = {}
     with tempfile.TemporaryDirectory(prefix="edgekit-mq-bench-") as tmp:
@@ -126,6 +129,16 @@ def main() -> None:
                 "export_seconds": export_seconds,
                 **onnx_facts(out, result),
             }
+            if transformed.simulated is not None and row_name != "ptq-int8":
+                import torch
+
+                with torch.no_grad():
+                    row["simulated_perplexity"] = perplexity(
+                        lambda ids, m=transformed.simulated: m.prefill(torch.as_tensor(ids))[0].numpy(),
+                        tokens,
+                        256,
+                        256,
+                    )
             if "mobilequant" in transformed.meta:
                 row["mobilequant"] = {
                     k: v for k, v in transformed.meta["mobilequant"].items() if isinstance(v, int | float | dict)
@@ -157,7 +170,7 @@ def main() -> None:
             )
             _write(args, rows)
     _write(args, rows)
-    header = ("method", "W/A bits", "ppl", "× fp32", "MB", "size ×", "prefill ×", "calib s", "int cov")
+    header = ("method", "W/A bits", "ppl", "× fp32", "sim ppl", "MB", "size ×", "prefill ×", "calib s", "int cov")
     print(" | ".join(header))
     for row in rows:
         cov = row.get("integer_coverage_count")
@@ -168,6 +181,7 @@ def main() -> None:
                     row["bits_w_a"],
                     f"{row['perplexity']:.2f}",
                     f"{row.get('perplexity_ratio', float('nan')):.3f}",
+                    f"{row['simulated_perplexity']:.2f}" if "simulated_perplexity" in row else "-",
                     f"{row['bytes'] / 1e6:.1f}",
                     f"{row.get('size_ratio', float('nan')):.3f}",
                     f"{row.get('prefill_latency_ratio', float('nan')):.2f}",

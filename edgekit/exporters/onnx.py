@@ -42,6 +42,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from edgekit.errors import EdgekitError
+from edgekit.exporters.onnx_fusions import FUSED_RMS_NORM, fuse_rms_norms
 from edgekit.exporters.onnx_ops import shape_only_nodes
 from edgekit.models.bundle import ModelBundle
 from edgekit.quantize.spec import QuantSpec, TensorOverride
@@ -635,7 +636,10 @@ def quantize_qdq(
         _pre_process(fp32_path, pre, external, optimize=False)
         model = onnx.load(str(pre), load_external_data=False)
 
-    if _name_nodes(model):
+    norm_weights = fuse_rms_norms(model) if spec.fuse_rms_norm else []
+    if norm_weights:
+        notes.append(f"{len(norm_weights)} RMSNorms fused into {FUSED_RMS_NORM} (weights {spec.norm_weight_bits}-bit)")
+    if _name_nodes(model) or norm_weights:
         onnx.save_model(model, str(pre))  # the quantizer selects nodes by name
     present = {node.op_type for node in model.graph.node} - _NOT_QUANTIZED - set(spec.float_ops)
     op_types = sorted(present if op_types is None else present & set(op_types))
@@ -653,6 +657,8 @@ def quantize_qdq(
         anchored_weights, weight_notes = weight_overrides(pre, anchors)
         overrides |= anchored_weights
         notes += weight_notes
+    for weight in norm_weights:  # symmetric per-tensor, as QNN takes a norm's weight
+        overrides[weight] = [{"quant_type": _activation_qtype(spec.norm_weight_bits, signed=True), "symmetric": True}]
     reader = _FeedReader(model, feeds)
     method = {
         "minmax": CalibrationMethod.MinMax,

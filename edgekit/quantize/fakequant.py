@@ -125,3 +125,11 @@ class WeightQuant(nn.Module):
         scale = (bound / self.steps).clamp_min(1e-12)
         clipped = torch.maximum(torch.minimum(weight, bound), -bound)
         return torch.clamp(round_ste(clipped / scale), self.qlow, self.qhigh) * scale
+
+
+def symmetric_fake_quant(weight: torch.Tensor, bits: int) -> torch.Tensor:
+    """Per-tensor symmetric fake-quant on [-(2^(b-1) - 1), 2^(b-1) - 1], onnxruntime's grid for a
+    symmetric initializer (a norm's weight), with a straight-through gradient."""
+    steps = float(2 ** (bits - 1) - 1)
+    scale = (weight.detach().abs().amax() / steps).clamp_min(1e-12)
+    return torch.clamp(round_ste(weight / scale), -steps, steps) * scale

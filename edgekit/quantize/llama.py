@@ -28,7 +28,7 @@ from torch import nn
 
 from edgekit.errors import EdgekitError
 from edgekit.models.llama import MASK_VALUE, CausalLMWithCache, _rotate_half
-from edgekit.quantize.fakequant import ActQuant, WeightQuant
+from edgekit.quantize.fakequant import ActQuant, WeightQuant, symmetric_fake_quant
 from edgekit.quantize.spec import TensorOverride
 
 # site -> (kind, module path inside the model, with {i} the layer index). "matmul" sites feed a
@@ -61,6 +61,9 @@ HEAD_SITES: dict[str, tuple[str, str]] = {
     "final": ("matmul", "norm"),
     "logits": ("other", "lm_head"),
 }
+# Softmax-input range below the observed maximum: exp(-256) is 0 in float32 and the 16-bit step
+# stays 1/256; at 8 bits a narrower span keeps the step at 1/8 (exp(-32) ~ 1e-14 leaks nothing).
+SCORES_SPAN = {16: 256.0, 8: 32.0}
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -132,6 +135,7 @@ class Bits:
     other: int = 16
     per_channel: bool = False  # all weights per channel (W4A8); else per tensor ...
     per_channel_down: bool = True  # ... except down_proj (W8A8)
+    norm_weight: int = 16  # RMSNorm weights: 16-bit as the paper, 8 where the target has no 16-bit
 
     def site(self, kind: str) -> int:
         if kind == "table":
@@ -197,6 +201,7 @@ class QuantLlama(CausalLMWithCache):
     def set_quant(self, weights: bool, acts: bool) -> QuantLlama:
         for quant in self.weight_quants():
             quant.enabled = weights and not self.folded
+        self.quant_norm_weights = weights and not self.folded
         for quant in self.act_quants():
             quant.enabled = acts
         return self
@@ -224,6 +229,12 @@ class QuantLlama(CausalLMWithCache):
         """MinMax init from what :meth:`observe` saw; the embedding site from its table."""
         for quant in self.act_quants():
             quant.init_from_observed()
+        for sites in self.acts:
+            # The masked scores (MASK_VALUE) would stretch the softmax input's grid over 1e4; softmax
+            # is shift-invariant, so scores far below the maximum only need to stay far below it.
+            scores = sites["scores"]
+            span = SCORES_SPAN[scores.bits]
+            scores.set_range(max(float(scores.low), float(scores.high) - span), float(scores.high))
         table = self.embed_tokens.weight
         self.head_acts["embed"].set_range(float(table.min()), float(table.max()))
 
@@ -272,6 +283,7 @@ class QuantLlama(CausalLMWithCache):
         self.folded = True
         for quant in self.weight_quants():
             quant.enabled = False
+        self.quant_norm_weights = False
         return self
 
     # -- forward ------------------------------------------------------------------------------------
@@ -288,8 +300,12 @@ class QuantLlama(CausalLMWithCache):
         return F.linear(x, self.wquant[index][name](weights[name]))
 
     def _norm(self, module: nn.Module, x: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
-        if weight is None:
-            return module(x)
+        """RMSNorm as the exported graph runs it: one op, its weight quantized per tensor."""
+        if weight is None and not self.quant_norm_weights:
+            return module(x)  # the folded model: traced inside the norm module's scope
+        weight = module.weight if weight is None else weight
+        if self.quant_norm_weights:
+            weight = symmetric_fake_quant(weight, self.bits.norm_weight)
         variance = x.pow(2).mean(-1, keepdim=True)
         return weight * (x * torch.rsqrt(variance + module.variance_epsilon))
 
@@ -364,7 +380,7 @@ class QuantLlama(CausalLMWithCache):
         for index in range(self.num_layers):
             hidden, k, v = self._block(index, hidden, cos, sin, mask, None, None)
             cache += [k, v]
-        return self.head_acts["final"](self.norm(hidden)), cache
+        return self.head_acts["final"](self._norm(self.norm, hidden, None)), cache
 
     def _logits(self, normed: torch.Tensor) -> torch.Tensor:
         if self.head_wquant.enabled:
@@ -386,7 +402,7 @@ class QuantLlama(CausalLMWithCache):
         for index in range(self.num_layers):
             hidden, k, v = self._block(index, hidden, cos, sin, None, past[2 * index], past[2 * index + 1])
             cache += [k, v]
-        return (self._logits(self.head_acts["final"](self.norm(hidden))), *cache)
+        return (self._logits(self.head_acts["final"](self._norm(self.norm, hidden, None))), *cache)
 
     # -- export plan ----------------------------------------------------------------------------------
     def overrides(self) -> dict[str, TensorOverride]:

@@ -63,6 +63,7 @@ def bits_of(config: Config) -> Bits:
         other=8 if config.int8_only else 16,
         per_channel=config.weight_bits == 4,
         per_channel_down=True,
+        norm_weight=8 if config.int8_only else 16,
     )
 
 
@@ -103,6 +104,8 @@ def quant_spec(model: QuantLlama, config: Config, samples: int) -> QuantSpec:
         overrides=model.overrides(),
         per_channel_modules=("*down_proj", "lm_head"),
         samples=samples,
+        fuse_rms_norm=True,
+        norm_weight_bits=model.bits.norm_weight,
     )
 
 

@@ -37,3 +37,6 @@ class QuantSpec:
     # module name patterns that keep per-channel weights even when weight_per_channel is False
     per_channel_modules: tuple[str, ...] = ()
     samples: int = 64
+    # run each RMSNorm as one op (its statistics internal, as NPUs do) with weights of these bits
+    fuse_rms_norm: bool = False
+    norm_weight_bits: Literal[8, 16] = 16

@@ -8,8 +8,13 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from edgekit.models.llama import CausalLMWithCache
 
+SINK_TOKEN = 0
 
-def tiny_llama(layers: int = 2) -> CausalLMWithCache:
+
+def tiny_llama(layers: int = 2, sink_activation: float = 0.0) -> CausalLMWithCache:
+    """``sink_activation`` > 0 plants a massive activation, as real LLMs grow on their attention-sink
+    token (SmolLM2: ~24,800 in one residual channel): layer 0's MLP writes a huge value into one
+    residual channel for :data:`SINK_TOKEN` only, while every other token's stream stays O(1)."""
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=101,
@@ -28,12 +33,27 @@ def tiny_llama(layers: int = 2) -> CausalLMWithCache:
         for name, param in model.named_parameters():
             if name.endswith("layernorm.weight") or name == "model.norm.weight":
                 param.add_(0.3 * torch.randn_like(param))
+        if sink_activation:
+            # embedding channel 7 flags the sink token; MLP unit 5 squares it into residual channel 11
+            flag, unit, channel = 7, 5, 11
+            model.model.embed_tokens.weight[:, flag] = 0.0
+            model.model.embed_tokens.weight[SINK_TOKEN, flag] = 1.0
+            mlp = model.model.layers[0].mlp
+            for proj in (mlp.gate_proj, mlp.up_proj):
+                proj.weight[unit] = 0.0
+                proj.weight[unit, flag] = 20.0
+            mlp.down_proj.weight[:, unit] = 0.0
+            mlp.down_proj.weight[channel, unit] = sink_activation
     return CausalLMWithCache(model).eval()
 
 
-def calib(count: int = 6, length: int = 24) -> list[dict[str, np.ndarray]]:
+def calib(count: int = 6, length: int = 24, sink: bool = False) -> list[dict[str, np.ndarray]]:
+    """Random windows; with ``sink`` each starts with :data:`SINK_TOKEN` (as texts start with BOS)."""
     rng = np.random.default_rng(3)
-    return [{"input_ids": rng.integers(0, 101, (1, length), dtype=np.int64)} for _ in range(count)]
+    windows = [rng.integers(1 if sink else 0, 101, (1, length), dtype=np.int64) for _ in range(count)]
+    for window in windows if sink else []:
+        window[0, 0] = SINK_TOKEN
+    return [{"input_ids": window} for window in windows]
 
 
 def ids_from(feed: dict[str, np.ndarray]) -> torch.Tensor:

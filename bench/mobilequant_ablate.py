@@ -1,0 +1,88 @@
+"""Where W8A8 loses perplexity on SmolLM2-135M: per-site ablations of the simulated model.
+
+SmoothQuant α=0.5 + MinMax ranges at MobileQuant's bit-widths (the starting point MobileQuant
+learns from), simulated in torch; perplexity on the Wikipedia evaluation split (256-token windows).
+Rows: float, weights only, activations only, everything, then everything but one group of
+activation quantizers left in float. Results in ``bench/results/mobilequant_ablations.json``.
+Usage: python bench/mobilequant_ablate.py [--layers N] [--samples 8] [--eval-tokens 2048]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results" / "mobilequant_ablations.json"
+# group -> activation sites (edgekit.quantize.llama.LAYER_SITES / HEAD_SITES) left in float
+GROUPS = {
+    "qkv input": ["attn_in"],
+    "gate/up input": ["mlp_in"],
+    "o_proj input": ["attn_out"],
+    "down_proj input": ["prod"],
+    "attention matmul inputs (q, k, v, probs)": ["q_rope", "k_rope", "v", "probs"],
+    "q/k projection outputs": ["q", "k"],
+    "softmax input": ["scores"],
+    "softmax output": ["probs"],
+    "o_proj output": ["o"],
+    "down_proj output": ["down"],
+    "residual adds": ["res_attn", "res_mlp"],
+    "SiLU/gate/up (non-linear)": ["gate", "act", "up"],
+    "final norm output (lm_head input)": ["final"],
+    "logits": ["logits"],
+}
+
+
+def main() -> None:
+    from edgekit.calibrate import calibration_inputs
+    from edgekit.data.wikipedia import token_stream
+    from edgekit.evaluate import perplexity
+    from edgekit.models import smollm2
+    from edgekit.models.llama import CausalLMWithCache
+    from edgekit.quantize import mobilequant
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--layers", type=int, default=None)
+    parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--eval-tokens", type=int, default=2048)
+    args = parser.parse_args()
+
+    bundle = smollm2.load()
+    module = bundle.module
+    if args.layers:
+        module = CausalLMWithCache(module.hf_model, num_layers=args.layers).eval()
+    calib = calibration_inputs(bundle, None, args.samples, args.seq_len)
+    tokens = token_stream(bundle.tokenizer, "eval", max_tokens=args.eval_tokens)
+    config = mobilequant.Config(samples=args.samples, seq_len=args.seq_len, learn=False, epochs=0)
+    model, _ = mobilequant.quantize_llama(module, calib, config, show_progress=False)
+
+    def measure(label: str) -> None:
+        with torch.no_grad():
+            value = perplexity(lambda ids: model.prefill(torch.as_tensor(ids))[0].numpy(), tokens, 256, 256)
+        results[label] = value
+        print(f"{label}: {value:.2f}", flush=True)
+        RESULTS.write_text(json.dumps({"model": "smollm2-135m", "budget": vars(args), "perplexity": results}, indent=2))
+
+    results: dict[str, float] = {}
+    for label, (weights, acts) in {
+        "float": (False, False),
+        "weights only": (True, False),
+        "activations only": (False, True),
+        "all quantized": (True, True),
+    }.items():
+        model.set_quant(weights=weights, acts=acts)
+        measure(label)
+    for label, sites in GROUPS.items():
+        model.set_quant(weights=True, acts=True)
+        for quants in [*model.acts, model.head_acts]:
+            for site in sites:
+                if site in quants:
+                    quants[site].enabled = False
+        measure(f"float {label}")
+
+
+if __name__ == "__main__":
+    main()
