@@ -754,18 +754,20 @@ def _pre_process(source: Path, target: Path, external: bool, optimize: bool) -> 
     """ORT's pre-processing; symbolic shape inference gives up on some graphs, so retry without it."""
     from onnxruntime.quantization import quant_pre_process
 
+    source, target = source.resolve(), target.resolve()
     options = {
         "skip_optimization": not optimize,
         "save_as_external_data": external,
         "all_tensors_to_one_file": True,
         "external_data_location": f"{target.name}.data" if external else None,
     }
+    # onnxruntime writes temporary copies of large models into the working directory: keep them in ours
     try:
-        with _quiet():
+        with _quiet(), contextlib.chdir(target.parent):
             quant_pre_process(str(source), str(target), **options)
         return []
     except Exception as error:  # symbolic shape inference raises bare Exceptions on unknown ops
-        with _quiet():
+        with _quiet(), contextlib.chdir(target.parent):
             quant_pre_process(str(source), str(target), skip_symbolic_shape=True, **options)
         return [f"symbolic shape inference failed ({_first_line(error)}); used ONNX shape inference only"]
 
