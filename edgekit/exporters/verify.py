@@ -47,7 +47,6 @@ def compare(reference: np.ndarray, candidate: np.ndarray, task: str) -> dict[str
 
 def onnx_session(path: Path | str, *, threads: int | None = None):
     """An onnxruntime InferenceSession on ``path``; a missing or corrupt file is an EdgekitError."""
-
     path = Path(path)
     if not path.is_file():
         raise EdgekitError(f"no such ONNX file: {path}")
