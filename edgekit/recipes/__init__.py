@@ -89,7 +89,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         origin = typing.get_origin(hint)
     if origin in (list, tuple):
         (item,) = typing.get_args(hint)[:1] or (str,)
-        items = value.split(",") if isinstance(value, str) else value
+        # "--set ladder=5,3,1" and the TOML spelling "--set ladder=[5,3,1]" mean the same list
+        items = value.strip().removeprefix("[").removesuffix("]").split(",") if isinstance(value, str) else value
         if not isinstance(items, list | tuple):
             raise EdgekitError(f"{where}: expected a list, got {value!r}")
         return [_coerce(v.strip() if isinstance(v, str) else v, item, where) for v in items]

@@ -43,3 +43,10 @@ def test_unknown_recipe_and_bad_set_syntax():
         recipes.load("nope")
     with pytest.raises(EdgekitError, match="key=value"):
         recipes.parse_overrides(["novalue"])
+
+
+@pytest.mark.parametrize("spelling", ["5,3,1", "[5, 3, 1]"])
+def test_list_settings_accept_plain_and_toml_spelling(spelling: str):
+    recipe = recipes.load("snn-iir", recipes.parse_overrides([f"ladder={spelling}", "epochs=[1,1,2]"]))
+    assert recipe.settings.ladder == [5, 3, 1]
+    assert recipe.settings.epochs == [1.0, 1.0, 2.0]
