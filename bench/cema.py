@@ -42,12 +42,14 @@ from edgekit.cloud.adapter import (  # noqa: E402
     DeviceAdapter,
     ReplayBuffer,
     configure_for_adaptation,
+    pixel_input,
     predict_eval,
     softmax_entropy,
 )
 from edgekit.cloud.export import export_adaptable, with_batch_statistics  # noqa: E402
 from edgekit.data import fmnist_c  # noqa: E402
-from edgekit.models.fmnist_cema import load_edge, load_foundation  # noqa: E402
+from edgekit.models.fmnist import load_cnn  # noqa: E402
+from edgekit.models.fmnist_cema import load_foundation  # noqa: E402
 from edgekit.runtime import wire  # noqa: E402
 from edgekit.runtime.cema import (  # noqa: E402
     AdaptableModel,
@@ -99,13 +101,22 @@ def run_cema(
     y: np.ndarray,
     upload_all: bool,
     config: CemaConfig,
+    selector_config: SelectorConfig,
     random_rate: float | None = None,
 ) -> dict:
+    """One stream through the edge runtime and the cloud, on the reference code's schedule.
+
+    The cloud keeps the uploads it has not learned from and takes one teacher/student step per
+    ``config.cloud_batch`` of them; an edge batch that completes no cloud batch gets one
+    replay-only student step (once the buffer holds ``replay_only_after`` samples). A new
+    parameter set goes back after every edge batch that changed the student.
+    """
     model = AdaptableModel(bundle)  # fresh: version 0, the trained parameters
-    selector = Selector(SelectorConfig(num_classes=10))
+    selector = Selector(selector_config)
     adapter = DeviceAdapter(teacher, edge, config)
     replay = ReplayBuffer(config.replay_size)
     rng = np.random.default_rng(0)
+    pending: list[np.ndarray] = []
     correct = uploaded = up_bytes = down_bytes = seq0 = 0
     for xb, yb in batches(x, y):
         logits = model.predict(xb)
@@ -121,8 +132,17 @@ def run_cema(
             up_bytes += len(body)
             uploaded += len(seq)
             _, _, received, _ = wire.decode_samples(body, xb.shape[1:], 8 << 20)
-            adapter.step(received, replay.sample)
+            pending.extend(received)
             replay.add(received)
+        stepped = False
+        while len(pending) >= config.cloud_batch:
+            adapter.step(np.stack(pending[: config.cloud_batch]), replay.sample)
+            del pending[: config.cloud_batch]
+            stepped = True
+        if not stepped and len(replay.items) >= config.replay_only_after:
+            adapter.replay_step(replay.sample)
+            stepped = True
+        if stepped:
             blob = encode_params(model.version + 1, adapter.student_arrays())
             down_bytes += len(blob)
             version, arrays = decode_params(blob)
@@ -133,6 +153,9 @@ def run_cema(
         "upload_bytes": up_bytes,
         "download_bytes": down_bytes,
         "updates": model.version,
+        "cloud_steps": adapter.steps,
+        "selector_dropped": dict(selector.dropped) if random_rate is None and not upload_all else None,
+        "final_e_max": round(selector.e_max, 4) if random_rate is None and not upload_all else None,
     }
 
 
@@ -146,9 +169,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    edge = load_edge().module
+    edge_bundle = load_cnn()
+    edge = pixel_input(edge_bundle)  # the stream is pixels in [0, 1]; the zoo net standardises them first
     teacher = load_foundation().module
     config = CemaConfig(num_classes=10)
+    selector_config = SelectorConfig(num_classes=10)
     methods = args.methods.split(",")
     corruptions = args.corruptions.split(",")
     clean_x, clean_y = fmnist_c.raw_split("test")
@@ -159,7 +184,7 @@ def main() -> None:
     results: dict[str, dict[str, dict]] = {}
     started = time.time()
     with tempfile.TemporaryDirectory() as tmp:
-        bundle = export_adaptable(load_edge(), Path(tmp) / "edge-bundle")
+        bundle = export_adaptable(edge_bundle, Path(tmp) / "edge-bundle")
         for corruption in corruptions:
             x, y = fmnist_c.load(corruption, args.severity, args.count)
             row: dict[str, dict] = {
@@ -175,9 +200,9 @@ def main() -> None:
                     out = run_tent(edge, x, y)
                 elif method == "cema-random":
                     rate = row["cema"]["upload_fraction"] if "cema" in row else 0.2
-                    out = run_cema(bundle, teacher, edge, x, y, False, config, random_rate=rate)
+                    out = run_cema(bundle, teacher, edge, x, y, False, config, selector_config, random_rate=rate)
                 else:
-                    out = run_cema(bundle, teacher, edge, x, y, method == "cema-all", config)
+                    out = run_cema(bundle, teacher, edge, x, y, method == "cema-all", config, selector_config)
                 out["seconds"] = round(time.time() - t0, 2)
                 row[method] = out
             results[corruption] = row
@@ -211,10 +236,10 @@ def main() -> None:
         "clean_accuracy": clean,
         "cema_config": {k: getattr(config, k) for k in config.__dataclass_fields__},
         "selector": {
-            "e_max0": SelectorConfig(10).e_max0,
-            "lambda": 0.6,
-            "e_min": SelectorConfig(10).e_min,
-            "cos_margin": SelectorConfig(10).cos_margin,
+            **{k: getattr(selector_config, k) for k in selector_config.__dataclass_fields__},
+            "e_max0": selector_config.e_max0,
+            "e_min": selector_config.e_min,
+            "cos_margin": selector_config.cos_margin,
         },
         "per_corruption": results,
         "mean": mean,

@@ -33,13 +33,14 @@ sys.path.insert(0, str(ROOT))
 from edgekit.cloud.export import export_adaptable  # noqa: E402
 from edgekit.cloud.local import LocalServer, free_port  # noqa: E402
 from edgekit.cloud.store import Store  # noqa: E402
-from edgekit.models.fmnist_cema import load_edge, load_foundation  # noqa: E402
+from edgekit.models.fmnist import load_cnn  # noqa: E402
+from edgekit.models.fmnist_cema import load_foundation  # noqa: E402
 from edgekit.runtime import wire  # noqa: E402
 from edgekit.runtime.adapt import run_adaptation  # noqa: E402
 from edgekit.runtime.queue import DiskQueue  # noqa: E402
 from edgekit.runtime.uplink import Uplink  # noqa: E402
 
-TEACHER, STUDENT = "zoo:fmnist-foundation", "zoo:fmnist-edge"
+TEACHER, STUDENT = "zoo:fmnist-foundation", "zoo:fmnist-cnn"
 SHAPE = (1, 28, 28)
 
 
@@ -251,11 +252,11 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=20)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "cema_reliability.json"))
     args = parser.parse_args()
-    load_edge(), load_foundation()  # trained and cached before any server needs them
+    load_cnn(), load_foundation()  # trained and cached before any server needs them
     results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        bundle = export_adaptable(load_edge(), root / "bundle")
+        bundle = export_adaptable(load_cnn(), root / "bundle")
         for name, run in (
             ("restart", lambda: restart_scenario(root, bundle)),
             ("late_server", lambda: late_server_scenario(root)),

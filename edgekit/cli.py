@@ -350,7 +350,7 @@ def adapt(
 @cloud_app.command("serve")
 def cloud_serve(
     teacher: Annotated[str, typer.Option("--teacher", help="foundation model spec, e.g. zoo:fmnist-foundation")],
-    student: Annotated[str, typer.Option("--student", help="edge model spec, e.g. zoo:fmnist-edge")],
+    student: Annotated[str, typer.Option("--student", help="edge model spec, e.g. zoo:fmnist-cnn")],
     db: Annotated[Path, typer.Option("--db", help="SQLite state file")],
     host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port")] = 8470,
@@ -363,7 +363,7 @@ def cloud_serve(
 
 @cloud_app.command("bundle")
 def cloud_bundle(
-    student: Annotated[str, typer.Argument(help="edge model spec, e.g. zoo:fmnist-edge")],
+    student: Annotated[str, typer.Argument(help="edge model spec, e.g. zoo:fmnist-cnn")],
     out: Annotated[Path, typer.Argument(help="bundle directory to write")],
     force: Annotated[bool, typer.Option("--force", help="replace an existing directory")] = False,
 ) -> None:

@@ -30,6 +30,9 @@ NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.G
 
 @dataclass
 class CemaConfig:
+    """Defaults are the paper's and the reference code's (``conf/cema.conf``), except the learning
+    rates, which are tuned for this 10-class, batch-statistics setting (not ImageNet's SGD 2.5e-3)."""
+
     num_classes: int = 10
     alpha: float = 3.0
     beta: float = 3.0
@@ -40,11 +43,40 @@ class CemaConfig:
     replay_size: int = 10_000
     replay_batches: int = 3
     replay_batch: int = 32
+    cloud_batch: int = 32  # new samples per teacher/student step (the reference's batch_size)
+    replay_only_after: int = 256  # buffered samples before replay-only steps start (reference: 256)
     bn_momentum: float = 0.1
 
     @property
     def e_max(self) -> float:
         return self.e_max_factor * math.log(self.num_classes)
+
+
+class PixelInput(nn.Module):
+    """``net((x - mean) / std)``: a model that takes raw pixels in [0, 1].
+
+    CEMA's edge uploads the frames it sees and the cloud's two models each bring their own input
+    normalization (the zoo's ``fmnist-cnn`` was trained on standardised pixels, the foundation model
+    on raw ones), so every CEMA model, edge graph included, is put in pixel space by this wrapper.
+    """
+
+    def __init__(self, net: nn.Module, mean: object, std: object) -> None:
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32).reshape(1, -1, 1, 1))
+        self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32).reshape(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net((x - self.mean) / self.std)
+
+
+def pixel_input(bundle) -> nn.Module:  # ModelBundle (not imported: the models package imports torch trainers)
+    """The bundle's module taking pixels in [0, 1]: wrapped in :class:`PixelInput` when the bundle
+    records an input normalization (``meta["input_mean"]``/``["input_std"]``), else as it is."""
+    mean, std = bundle.meta.get("input_mean"), bundle.meta.get("input_std")
+    if mean is None or std is None:
+        return bundle.module
+    return PixelInput(bundle.module, mean, std).eval()
 
 
 def norm_parameter_names(module: nn.Module, statistics: bool = False) -> dict[str, str]:
@@ -132,35 +164,57 @@ class DeviceAdapter:
         }
 
     def distil(self, x: torch.Tensor) -> float:
+        """One student step on ``x``: ``alpha * H_w + beta * KL_w + gamma * CE_w`` (reference loss).
+
+        The entropy term is weighted by the student's own ``1/exp(E_s - E_max)``, the KL and CE terms
+        by the teacher's ``1/exp(E_t - E_max)``, as the reference's ``TTADistillationLoss`` does.
+        """
         c = self.config
         with torch.no_grad():
             teacher_logits = self.teacher(x)
         t_log_p = teacher_logits.log_softmax(1)
         t_ent = -(t_log_p.exp() * t_log_p).sum(1)
-        weight = torch.exp(c.e_max - t_ent)  # = 1 / exp(E_teacher - E_max)
+        t_weight = torch.exp(c.e_max - t_ent)  # = 1 / exp(E_teacher - E_max)
         s_logits = self.student(x)
         s_log_p = s_logits.log_softmax(1)
         s_ent = -(s_log_p.exp() * s_log_p).sum(1)
+        s_weight = torch.exp(c.e_max - s_ent.detach())
         kl = (t_log_p.exp() * (t_log_p - s_log_p)).sum(1)
         ce = nn.functional.nll_loss(s_log_p, teacher_logits.argmax(1), reduction="none")
-        loss = (weight * (c.alpha * s_ent + c.beta * kl + c.gamma * ce)).mean()
+        loss = c.alpha * (s_weight * s_ent).mean() + (t_weight * (c.beta * kl + c.gamma * ce)).mean()
         self.student_opt.zero_grad()
         loss.backward()
         self.student_opt.step()
         return float(loss.detach())
 
     def step(self, x_new: np.ndarray, replay: Callable[[int], np.ndarray]) -> dict[str, float]:
-        """One CEMA update from a batch of new samples; ``replay(n)`` draws up to n buffered samples."""
+        """One CEMA update from a batch of new samples; ``replay(n)`` draws up to n buffered samples.
+
+        As in the reference code: the teacher adapts on the new batch, then the student takes one
+        distillation step on the new batch together with ``replay_batches * replay_batch`` replayed
+        samples (one forward, so its batch statistics cover new and old samples alike).
+        """
         x = torch.from_numpy(np.asarray(x_new, dtype=np.float32))
         metrics = self.adapt_teacher(x) if len(x) > 1 else {}
-        losses = [self.distil(x)] if len(x) > 1 else []
-        for _ in range(self.config.replay_batches):
-            old = replay(self.config.replay_batch)
-            if len(old) > 1:
-                losses.append(self.distil(torch.from_numpy(np.asarray(old, dtype=np.float32))))
+        old = replay(self.config.replay_batches * self.config.replay_batch)
+        if len(old) > 0:
+            x = torch.cat([x, torch.from_numpy(np.asarray(old, dtype=np.float32))])
+        metrics["student_loss"] = self.distil(x) if len(x) > 1 else float("nan")
         self.steps += 1
-        metrics["student_loss"] = float(np.mean(losses)) if losses else float("nan")
         return metrics
+
+    def replay_step(self, replay: Callable[[int], np.ndarray]) -> dict[str, float]:
+        """A distillation step on replayed samples only, ``(replay_batches + 1) * replay_batch`` of them.
+
+        The reference code takes one whenever an edge batch brings too few uploads for a cloud batch
+        (once the buffer holds ``replay_only_after`` samples), so the student keeps learning at the
+        pace of the stream however few samples the edge selects.
+        """
+        old = replay((self.config.replay_batches + 1) * self.config.replay_batch)
+        if len(old) < 2:
+            return {"student_loss": float("nan")}
+        self.steps += 1
+        return {"student_loss": self.distil(torch.from_numpy(np.asarray(old, dtype=np.float32)))}
 
     def student_arrays(self) -> dict[str, np.ndarray]:
         """The edge's adaptable parameter set (norm affine params and BN statistics), float32 numpy."""

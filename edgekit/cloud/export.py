@@ -10,6 +10,9 @@ frame still works for conv layers: its statistics come from its own pixels).
 Graph inputs, not re-created sessions: the swap is one reference assignment on the edge (atomic
 for free), costs nothing per update, and onnxruntime cannot constant-fold a graph input into its
 neighbouring conv, so the parameters stay float and addressable by name.
+
+The graph takes pixels in [0, 1]: a model trained on standardised inputs gets its normalization
+baked in front (:func:`edgekit.cloud.adapter.pixel_input`), and the manifest says so.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import torch
 from onnx import numpy_helper
 
 import edgekit
-from edgekit.cloud.adapter import norm_parameter_names
+from edgekit.cloud.adapter import norm_parameter_names, pixel_input
 from edgekit.errors import EdgekitError
 from edgekit.models.bundle import ModelBundle
 from edgekit.runtime.cema import PARAMS_FILE, encode_params
@@ -63,10 +66,10 @@ def with_batch_statistics(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
-def _export_graph(bundle: ModelBundle, path: Path) -> None:
+def _export_graph(bundle: ModelBundle, pixel_module: torch.nn.Module, path: Path) -> None:
     """TorchScript-based export without constant folding, so the norm parameters stay initializers
     we can expose (the dynamo exporter's optimizer folds them away); a fraction of a second."""
-    module = with_batch_statistics(bundle.module)
+    module = with_batch_statistics(pixel_module)
     name = bundle.input_names[0]
     out = bundle.output_names[0]
     with warnings.catch_warnings():  # the TorchScript exporter warns it is legacy; it is what keeps names
@@ -140,15 +143,16 @@ def export_adaptable(bundle: ModelBundle, out_dir: str | Path, overwrite: bool =
         raise EdgekitError(f"{out_dir} exists (pass overwrite=True / --force)")
     if bundle.task != "classifier" or len(bundle.example_inputs) != 1:
         raise EdgekitError("CEMA bundles need a one-input classifier")
-    names = norm_parameter_names(bundle.module)
+    module = pixel_input(bundle)  # the graph takes raw pixels, as the edge sees and uploads them
+    names = norm_parameter_names(module)
     if not names:
         raise EdgekitError(f"{bundle.spec} has no normalization layers to adapt")
-    state = {k: v.detach().cpu().numpy().astype(np.float32) for k, v in bundle.module.state_dict().items()}
+    state = {k: v.detach().cpu().numpy().astype(np.float32) for k, v in module.state_dict().items()}
     params = {name: state[name] for name in names}
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        _export_graph(bundle, tmp / MODEL_FILE)
+        _export_graph(bundle, module, tmp / MODEL_FILE)
         model = onnx.load(str(tmp / MODEL_FILE))
         _expose_parameters(model, params)
         onnx.checker.check_model(model)
@@ -177,6 +181,8 @@ def export_adaptable(bundle: ModelBundle, out_dir: str | Path, overwrite: bool =
                 "adaptable": {
                     "method": "cema",
                     "normalization": "batch-statistics",
+                    "input": "pixels in [0, 1]",
+                    "input_normalization_in_graph": module is not bundle.module,
                     "file": PARAMS_FILE,
                     "parameters": {
                         name: {"shape": list(params[name].shape), "dtype": "float32", "kind": kind}

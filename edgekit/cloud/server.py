@@ -37,7 +37,7 @@ DEVICE_PATTERN = wire.CLIENT_PATTERN
 class ServiceConfig:
     max_body: int = 4 << 20  # compressed upload bytes
     max_raw: int = 8 << 20  # decompressed upload bytes
-    worker_batch: int = 64  # new samples per adaptation step
+    max_wait_s: float = 2.0  # a partial batch of new samples older than this is learned from anyway
     idle_s: float = 0.05
 
 
@@ -60,6 +60,8 @@ class Worker:
         self.config = config
         self.cema_config = cema_config
         self.adapters: dict = {}
+        self.arrivals: dict[str, int] = {}  # uploads per device since its last scheduled update
+        self._arrivals_lock = threading.Lock()
         self.stop = threading.Event()
         self.steps = 0
         self.errors = 0
@@ -82,14 +84,37 @@ class Worker:
             self.adapters[device] = adapter
         return self.adapters[device]
 
+    def notify(self, device: str) -> None:
+        """An upload from ``device`` was stored (called by the request handler)."""
+        with self._arrivals_lock:
+            self.arrivals[device] = self.arrivals.get(device, 0) + 1
+
     def step(self, device: str) -> bool:
+        """One scheduled update for ``device``, as the reference code schedules them.
+
+        A full batch of ``cloud_batch`` new samples (or a partial one older than ``max_wait_s``)
+        gives a teacher step and a student step on it plus replay; an upload that completes no
+        batch gives one replay-only student step once the replay buffer holds
+        ``replay_only_after`` samples, so the student learns at the pace of the edge's uploads
+        however few samples each carries. Each update is a new parameter version.
+        """
         from edgekit.runtime.cema import encode_params
 
-        ids, blobs = self.store.pending(device, self.config.worker_batch)
-        if not ids:
-            return False
         adapter = self.adapter(device)
-        adapter.step(self._decode(blobs), lambda n: self._decode(self.store.replay(device, n)))
+        batch = adapter.config.cloud_batch
+        ids, blobs, oldest = self.store.pending(device, batch)
+        with self._arrivals_lock:
+            arrived = self.arrivals.pop(device, 0)
+        replay = lambda n: self._decode(self.store.replay(device, n))  # noqa: E731
+        if ids and (len(ids) >= batch or time.time() - (oldest or 0.0) >= self.config.max_wait_s):
+            adapter.step(self._decode(blobs), replay)
+        elif arrived and self.store.replay_size(device) >= adapter.config.replay_only_after:
+            adapter.replay_step(replay)
+            ids = []
+        else:
+            if arrived:  # not acted on yet: keep it for the next pass
+                self.notify(device)
+            return False
         version = self.store.last_version(device) + 1
         self.store.commit_update(
             device,
@@ -181,7 +206,10 @@ def create_app(
 
         def decode_and_store() -> tuple[int, int]:  # off the event loop: inflating and fsync block
             client, seq, x, ent = wire.decode_samples(buffer.getvalue(), input_shape, config.max_raw)
-            return store.add_samples(device, client, seq, x, ent), len(seq)  # committed before the 200
+            stored = store.add_samples(device, client, seq, x, ent)  # committed before the 200
+            if worker is not None and stored:
+                worker.notify(device)
+            return stored, len(seq)
 
         try:
             stored, count = await run_in_threadpool(decode_and_store)
@@ -204,7 +232,7 @@ def create_app(
 
 def build_service(teacher_spec: str, student_spec: str, db: str, config: ServiceConfig | None = None):
     """Load both models, open the store and wire the app; returns ``(app, store, worker)``."""
-    from edgekit.cloud.adapter import CemaConfig, norm_parameter_names
+    from edgekit.cloud.adapter import CemaConfig, norm_parameter_names, pixel_input
     from edgekit.models.sources import load
 
     teacher, student = load(teacher_spec), load(student_spec)
@@ -220,7 +248,8 @@ def build_service(teacher_spec: str, student_spec: str, db: str, config: Service
     config = config or ServiceConfig()
     store = Store(db)
     classes = len(student.labels) if student.labels else 10
-    worker = Worker(store, teacher.module, student.module, shape, config, CemaConfig(num_classes=classes))
+    # both models take the edge's raw pixels, exactly as the adaptable edge graph does
+    worker = Worker(store, pixel_input(teacher), pixel_input(student), shape, config, CemaConfig(num_classes=classes))
     return create_app(store, shape, worker, config), store, worker
 
 

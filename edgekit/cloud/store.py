@@ -95,13 +95,20 @@ class Store:
         with self._lock:
             return [row[0] for row in self._db.execute("SELECT DISTINCT device FROM samples WHERE processed = 0")]
 
-    def pending(self, device: str, limit: int) -> tuple[list[int], list[bytes]]:
+    def pending(self, device: str, limit: int) -> tuple[list[int], list[bytes], float | None]:
+        """The oldest ``limit`` samples not learned from yet: ids, blobs, and when the first arrived."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT id, x FROM samples WHERE device = ? AND processed = 0 ORDER BY id LIMIT ?",
+                "SELECT id, x, received FROM samples WHERE device = ? AND processed = 0 ORDER BY id LIMIT ?",
                 (device, limit),
             ).fetchall()
-        return [row[0] for row in rows], [row[1] for row in rows]
+        return [row[0] for row in rows], [row[1] for row in rows], (rows[0][2] if rows else None)
+
+    def replay_size(self, device: str) -> int:
+        """How many samples the device's replay buffer holds (its processed samples)."""
+        with self._lock:
+            row = self._db.execute("SELECT COUNT(*) FROM samples WHERE device = ? AND processed = 1", (device,))
+            return int(row.fetchone()[0])
 
     def replay(self, device: str, count: int) -> list[bytes]:
         """A random draw from the device's replay buffer (its processed samples)."""

@@ -68,13 +68,6 @@ ZOO: dict[str, ZooEntry] = {
             "edgekit.models.fmnist:load_vgg",
         ),
         ZooEntry(
-            "fmnist-edge",
-            "classifier",
-            "fashion-mnist",
-            "CEMA edge student: small CNN with BatchNorm (3 conv-BN blocks), trained here, cached",
-            "edgekit.models.fmnist_cema:load_edge",
-        ),
-        ZooEntry(
             "fmnist-foundation",
             "classifier",
             "fashion-mnist",

@@ -5,7 +5,8 @@ sample only when it is informative and reliable (Chen et al., ICLR'24):
 
 * entropy window ``E_min < E < E_max``: too high is unreliable, too low teaches nothing;
 * dynamic ``E_max^t = E_max0 * lambda * (mean_E_t / mean_E_warmup)`` with ``E_max0 = 0.4 ln C`` and
-  ``lambda = 0.6``: as the cloud's updates make the model more confident, the bar drops with it;
+  ``lambda = 0.6`` (``E_max0`` itself during warm-up; ``mean_E_t`` over every prediction so far, as
+  the reference code): as the cloud's updates make the model more confident, the bar drops with it;
 * redundancy: a sample whose softmax is too close to the moving average of past (uploaded)
   predictions, ``|cos| >= margin``, adds nothing the cloud has not seen. The reference code uses
   0.05 for ImageNet's 1000 classes; the cosine between a confident prediction and a balanced
@@ -52,7 +53,6 @@ class SelectorConfig:
     lam: float = 0.6
     e_min_factor: float = 0.02  # E_min = factor * ln C: near-certain predictions carry no signal
     warmup_batches: int = 2
-    entropy_momentum: float = 0.9  # EMA of the batch-mean entropy (mean_E_t)
     prob_momentum: float = 0.9  # EMA of the uploaded predictions (redundancy reference)
     margin: float | None = None  # |cos| at or above which a sample is redundant; None: 0.05*sqrt(1000/C)
 
@@ -77,7 +77,8 @@ class Selector:
     batches: int = 0
     warmup_sum: float = 0.0
     warmup_count: int = 0
-    mean_entropy: float | None = None
+    entropy_sum: float = 0.0
+    count: int = 0
     mean_probs: np.ndarray | None = None
     seen: int = 0
     selected: int = 0
@@ -85,26 +86,27 @@ class Selector:
 
     @property
     def e_max(self) -> float:
-        """The current dynamic threshold (the warm-up phase uses ``E_max0 * lambda``)."""
+        """The current threshold: ``E_max0`` during warm-up, then ``E_max0 * lambda * mean_E / warm-up mean``.
+
+        As the reference code (``EntropyCriterion``): the mean is over every prediction so far, not
+        a moving average, so a model growing confident lowers the bar gradually instead of
+        chasing the last few batches into a collapse.
+        """
         c = self.config
-        if self.batches <= c.warmup_batches or not self.warmup_count or self.mean_entropy is None:
-            return c.e_max0 * c.lam
+        if self.batches <= c.warmup_batches or not self.warmup_count or not self.count:
+            return c.e_max0
         warmup_mean = self.warmup_sum / self.warmup_count
-        return c.e_max0 * c.lam * (self.mean_entropy / max(warmup_mean, 1e-8))
+        return c.e_max0 * c.lam * (self.entropy_sum / self.count) / max(warmup_mean, 1e-8)
 
     def select(self, logits: np.ndarray) -> np.ndarray:
         c = self.config
         ent = entropy(np.asarray(logits, dtype=np.float64))
         self.batches += 1
-        batch_mean = float(ent.mean())
         if self.batches <= c.warmup_batches:
             self.warmup_sum += float(ent.sum())
             self.warmup_count += len(ent)
-        self.mean_entropy = (
-            batch_mean
-            if self.mean_entropy is None
-            else c.entropy_momentum * self.mean_entropy + (1 - c.entropy_momentum) * batch_mean
-        )
+        self.entropy_sum += float(ent.sum())
+        self.count += len(ent)
         e_max = self.e_max
         low, high = ent <= c.e_min, ent >= e_max
         keep = ~low & ~high

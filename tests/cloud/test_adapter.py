@@ -56,6 +56,21 @@ def test_step_moves_only_norm_affine_parameters_and_student_towards_teacher() ->
     assert kl() < start
 
 
+def test_replay_step_distils_from_the_buffer_alone() -> None:
+    adapter = DeviceAdapter(teacher().module, student().module, CemaConfig(student_lr=1e-2))
+    replay = ReplayBuffer(100)
+    assert np.isnan(adapter.replay_step(replay.sample)["student_loss"])  # nothing buffered: no step
+    assert adapter.steps == 0
+    replay.add(np.random.default_rng(2).random((64, 1, 28, 28), dtype=np.float32))
+    before = adapter.student_arrays()
+    teacher_before = {k: v.clone() for k, v in adapter.teacher.state_dict().items()}
+    assert np.isfinite(adapter.replay_step(replay.sample)["student_loss"])
+    assert any(not np.allclose(adapter.student_arrays()[k], v) for k, v in before.items())
+    for name, value in adapter.teacher.state_dict().items():  # the teacher adapts on new samples only
+        if "running" not in name and "num_batches" not in name:
+            assert torch.equal(value, teacher_before[name]), name
+
+
 def test_state_roundtrip_restores_a_device() -> None:
     s, t = student().module, teacher().module
     adapter = DeviceAdapter(t, s, CemaConfig(student_lr=1e-2))
