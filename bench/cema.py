@@ -1,14 +1,16 @@
 """CEMA on Fashion-MNIST-C at severity 5: accuracy and upload cost against the usual baselines.
 
 Every method sees the same stream per corruption (the first ``--count`` test images, in order,
-batches of 64) and starts from the same trained edge model (``fmnist-edge``), reset per corruption:
+batches of 64, pixels in [0, 1]) and starts from the same trained edge model, the zoo's
+``fmnist-cnn`` (its input standardisation in front), reset per corruption:
 
 * ``none``: the edge model as trained (running statistics);
 * ``bn-adapt``: normalization with the statistics of each test batch (forward only);
 * ``tent``: batch statistics plus entropy minimisation of the norm affine parameters by backprop
   on the edge (Adam 1e-3), the reference CEMA compares with;
 * ``cema``: the real edge runtime (the exported adaptable ONNX bundle in onnxruntime, the CEMA
-  selector) with the cloud half (``fmnist-foundation`` adapted, student distilled, FIFO replay);
+  selector) with the cloud half (``fmnist-foundation`` adapted, student distilled, FIFO replay) on
+  the reference code's schedule (a cloud step per 32 uploaded samples, replay-only steps between);
   every upload and parameter set goes through the real wire format, whose bytes are counted;
 * ``cema-all``: the same, uploading every sample;
 * ``cema-random`` (a diagnostic control, not a method): the same cloud, but the edge uploads a
@@ -18,7 +20,8 @@ batches of 64) and starts from the same trained edge model (``fmnist-edge``), re
 The cloud is in-process and answers before the next batch (no network delay): this measures the
 method; the service's own behaviour is measured by bench/cema_reliability.py.
 
-    PYTHONPATH=. python bench/cema.py [--count 1536] [--corruptions a,b]
+    PYTHONPATH=. python bench/cema.py [--count 2048] [--severity 5] [--corruptions a,b]
+        [--selector FIELD=VALUE ...] [--cloud FIELD=VALUE ...]   (settings chosen on severity 4)
 """
 
 from __future__ import annotations
@@ -159,21 +162,35 @@ def run_cema(
     }
 
 
+def overrides(kind: type, items: list[str]) -> dict:
+    """``["lam=0.8"]`` -> ``{"lam": 0.8}``, typed by the dataclass field's default."""
+    fields = {k: getattr(kind(num_classes=10), k) for k in kind.__dataclass_fields__}
+    out = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        if key not in fields:
+            raise SystemExit(f"error: {kind.__name__} has no field '{key}'")
+        out[key] = type(fields[key])(value) if fields[key] is not None else float(value)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--count", type=int, default=1536, help="stream length per corruption")
+    parser.add_argument("--count", type=int, default=2048, help="stream length per corruption")
     parser.add_argument("--severity", type=int, default=5)
     parser.add_argument("--corruptions", default=",".join(fmnist_c.CORRUPTIONS))
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "cema.json"))
+    parser.add_argument("--selector", action="append", default=[], metavar="FIELD=VALUE", help="SelectorConfig")
+    parser.add_argument("--cloud", action="append", default=[], metavar="FIELD=VALUE", help="CemaConfig")
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
     edge_bundle = load_cnn()
     edge = pixel_input(edge_bundle)  # the stream is pixels in [0, 1]; the zoo net standardises them first
     teacher = load_foundation().module
-    config = CemaConfig(num_classes=10)
-    selector_config = SelectorConfig(num_classes=10)
+    config = CemaConfig(num_classes=10, **overrides(CemaConfig, args.cloud))
+    selector_config = SelectorConfig(num_classes=10, **overrides(SelectorConfig, args.selector))
     methods = args.methods.split(",")
     corruptions = args.corruptions.split(",")
     clean_x, clean_y = fmnist_c.raw_split("test")
