@@ -67,9 +67,9 @@ def restart_scenario(root: Path, bundle: Path) -> dict:
             server.url,
             token,
             "edge-r",
-            "fmnist-c:defocus_blur:5:4000",
+            "fmnist-c:defocus_blur:5:8000",  # 32 s at 250 frames/s: the stream outlives the restart
             root / "edge-r",
-            rate=400,
+            rate=250,
             log=lambda line: None,
             flush_s=60,
         )
@@ -77,7 +77,8 @@ def restart_scenario(root: Path, bundle: Path) -> dict:
 
     thread = threading.Thread(target=edge)
     thread.start()
-    wait_for(lambda: store.last_version("edge-r") > 0, 6.0)  # updates are flowing before the crash
+    # updates are flowing before the crash (the first needs 32 uploads and a teacher step on a busy CPU)
+    wait_for(lambda: store.last_version("edge-r") > 0, 20.0)
     version_before = store.last_version("edge-r")
     killed_at = time.monotonic()
     server.kill()
