@@ -367,7 +367,7 @@ def cloud_bundle(
     out: Annotated[Path, typer.Argument(help="bundle directory to write")],
     force: Annotated[bool, typer.Option("--force", help="replace an existing directory")] = False,
 ) -> None:
-    """Export a student as an adaptable edge bundle (norm parameters as ONNX graph inputs)."""
+    """Export a student as an adaptable edge bundle (pixel input; norm parameters as ONNX graph inputs)."""
     from edgekit.cloud.export import export_adaptable
     from edgekit.models.sources import load
 
