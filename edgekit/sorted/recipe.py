@@ -4,8 +4,9 @@
 weights of an identical earlier run from the cache (``~/.cache/edgekit/sorted-<key>``, keyed by
 the source model's hash and every training setting) or from ``checkpoint`` (a user directory).
 A run that stops part-way leaves its resume state beside the entry, and the next run continues it.
-The returned bundle's ``meta["sorted"]`` tells the ONNX exporter to write one bundle holding every
-depth (see :mod:`edgekit.sorted.export`).
+The returned bundle's ``meta["sorted"]`` holds what the export needs; :func:`export_format` (the
+pipeline's hook for transforms with their own exporter) writes one ONNX bundle holding every
+depth and verifies and measures each (see :mod:`edgekit.sorted.export`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from edgekit.sorted.data import WIKIPEDIA
 from edgekit.sorted.train import TrainConfig, TrainResult, load_weights, save_weights, train
 
 CACHE_VERSION = 1
+FORMATS = ("onnx",)  # a many-depth bundle is ONNX segments + one head sharing one weights file
 PAPER_THRESHOLDS = (0.95, 0.95, 0.9, 0.9, 0.8, 0.8, 0.7)  # Sorted LLaMA, layers 12..36
 
 
@@ -151,4 +153,20 @@ def apply(bundle: ModelBundle, data: object, config: Config) -> ModelBundle:
         "latency_decode": config.latency_decode,
         "compare_size": config.compare_size,
     }
-    return bundle.replace(simulated=module, meta={**bundle.meta, "sorted": sorted_meta})
+    return bundle.replace(simulated=module, meta={**bundle.meta, "sorted": sorted_meta, "depths": depths})
+
+
+def export_format(
+    fmt: str, bundle: ModelBundle, directory: Path, shapes: dict[str, tuple], verify: Any
+) -> tuple[Any, list, dict[str, Any]]:
+    """The pipeline's hook: every depth in one ONNX bundle, verified and measured per depth.
+
+    ``extra["latency_ms"]`` is the full depth's prefill; every depth's latency is in the manifest.
+    """
+    from edgekit.sorted.export import sorted_onnx_format
+
+    if fmt not in FORMATS:
+        raise EdgekitError(f"the sorted recipe exports {' and '.join(FORMATS)} only, not {fmt}")
+    spec, ops, extra = sorted_onnx_format(bundle, directory, shapes, verify)
+    extra["latency_ms"] = spec.details["sorted"]["latency"][-1]["prefill_ms"]
+    return spec, ops, extra
