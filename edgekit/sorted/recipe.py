@@ -36,21 +36,26 @@ class Config(TrainConfig):
     """Training budget (see :class:`TrainConfig`) plus what the export measures and ships.
 
     ``thresholds``: per-token dynamic inference exits at the first depth whose top-token
-    probability reaches its threshold; one value per depth (the last, full depth always accepts)
-    or one value for all. The paper's LLaMA-13B values run from 0.95 at the shallowest exit to
-    0.7 at the deepest; ours are recorded in the manifest and can be changed at run time.
+    probability reaches its threshold; one value per depth (the last, full depth always accepts;
+    a value above 1 disables an exit) or one value for all. Unset, the export calibrates them on
+    ``calibration_tokens`` of training-split text the fine-tuning never saw (never the eval
+    split): the fastest setting whose perplexity there is within ``max_perplexity_ratio`` × the
+    full model's (see :mod:`edgekit.sorted.dynamic`). The manifest records them; ``edgekit run
+    --depth dynamic`` uses them.
     """
 
     train: bool = True  # false: export the pretrained model's sub-models as they are (early exit)
     checkpoint: str | None = None  # a directory for the trained weights instead of the cache
     thresholds: list[float] | None = None
+    calibration_tokens: int = 1024  # unseen training-split tokens the thresholds are calibrated on
+    max_perplexity_ratio: float = 1.05  # calibrated dynamic inference: at most this × full perplexity
     eval_tokens: int = 4096  # held-out Wikipedia tokens for each depth's perplexity in the manifest
     latency_prompt: int = 256  # prompt length of the per-depth prefill latency
     latency_decode: int = 32  # decode steps of the per-depth tokens/s
     compare_size: bool = True  # also export one full-depth bundle, to report the size ratio
 
 
-def default_thresholds(count: int) -> list[float]:
+def paper_thresholds(count: int) -> list[float]:
     """The paper's exit thresholds for seven depths; otherwise the same 0.95 -> 0.7 spread."""
     if count == len(PAPER_THRESHOLDS):
         return list(PAPER_THRESHOLDS)
@@ -121,11 +126,13 @@ def apply(bundle: ModelBundle, data: object, config: Config) -> ModelBundle:
     if bundle.task != "causal-lm" or not isinstance(module, CausalLMWithCache):
         raise EdgekitError(f"the sorted recipe needs a LLaMA-family causal LM; {bundle.spec} is a {bundle.task}")
     depths = config.resolved_depths(module.num_layers)
-    thresholds = list(config.thresholds) if config.thresholds is not None else default_thresholds(len(depths))
-    if len(thresholds) not in (1, len(depths)):
+    thresholds = list(config.thresholds) if config.thresholds is not None else None
+    if thresholds is not None and len(thresholds) not in (1, len(depths)):
         raise EdgekitError(f"thresholds: give one value or one per depth ({len(depths)}), got {len(thresholds)}")
-    if len(thresholds) == 1:
+    if thresholds is not None and len(thresholds) == 1:
         thresholds = thresholds * len(depths)
+    if config.calibration_tokens < 2 or not config.max_perplexity_ratio >= 1.0:
+        raise EdgekitError("calibration_tokens must be at least 2 and max_perplexity_ratio at least 1")
     training: dict[str, Any] = {"trained": False}
     if config.train:
         result, where = fine_tuned(
@@ -143,10 +150,19 @@ def apply(bundle: ModelBundle, data: object, config: Config) -> ModelBundle:
             "steps": result.steps,
             "final_losses": final.get("per_depth"),
         }
+        if config.data == WIKIPEDIA:  # the windows it trained on, so calibration text avoids them
+            training["windows"] = {
+                "batch": config.batch,
+                "seq_len": config.seq_len,
+                "seed": config.seed,
+                "draws": config.steps * config.grad_accum,
+            }
     module.eval()
     sorted_meta = {
         "depths": depths,
-        "thresholds": thresholds,
+        "thresholds": thresholds,  # None: calibrated by the export
+        "calibration_tokens": config.calibration_tokens,
+        "max_perplexity_ratio": config.max_perplexity_ratio,
         "training": training,
         "eval_tokens": config.eval_tokens,
         "latency_prompt": config.latency_prompt,

@@ -15,7 +15,14 @@ from edgekit.errors import EdgekitError
 from edgekit.models.llama import CausalLMWithCache
 from edgekit.runtime.manifest import Manifest
 from edgekit.runtime.sorted import SortedModel, dynamic_exit_depths, softmax_confidence
-from edgekit.sorted.export import exit_perplexities, export_graphs, format_spec, segments_of, torch_exit_logits
+from edgekit.sorted.export import (
+    exit_perplexities,
+    export_graphs,
+    format_spec,
+    measure_components,
+    segments_of,
+    torch_exit_logits,
+)
 from edgekit.sorted.model import exit_logits, truncated
 from tests.sorted.tiny import tiny_llama, token_ids
 
@@ -173,6 +180,12 @@ def test_dynamic_perplexity_from_exit_logits(model: CausalLMWithCache) -> None:
     assert dynamic["never"]["perplexity"] == pytest.approx(per_depth[6], rel=1e-6)
     assert dynamic["always"]["perplexity"] == pytest.approx(per_depth[2], rel=1e-6)
     assert dynamic["always"]["mean_exit_depth"] == 2.0
+
+
+def test_component_timings_cover_every_segment(bundle: Path) -> None:
+    cost = measure_components(runner_of(bundle), prompt_tokens=8, repeats=2)
+    assert len(cost.segment_ms) == len(DEPTHS) and min(cost.segment_ms) > 0 and cost.head_ms > 0
+    assert cost.catch_up >= 0 and cost.full_ms() == pytest.approx(sum(cost.segment_ms) + cost.head_ms)
 
 
 def test_dynamic_exit_depths_rule() -> None:
