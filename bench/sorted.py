@@ -50,14 +50,11 @@ def trained(method: str, steps: int | None = None) -> tuple[CausalLMWithCache, d
 
 
 EVAL_TOKENS = 1024  # held-out Wikipedia tokens (window 256, stride 128): reduced from the zoo's 8192 (CPU time)
-DYNAMIC = {  # per-token exit thresholds (top-token probability) tried for dynamic inference
-    "paper (0.95..0.7)": [0.95, 0.95, 0.9, 0.9, 0.8, 0.8, 0.7],
-    "all 0.8": [0.8],
-    "all 0.6": [0.6],
-    "all 0.4": [0.4],
-    "exits 18, 24 at 0.6": [2.0, 2.0, 0.6, 2.0, 0.6, 2.0, 0.0],
-}
-GENERATE_TOKENS = 24
+CALIBRATION_TOKENS = 1024  # Wikipedia calib-split tokens no training window covered (thresholds only)
+MAX_PERPLEXITY_RATIO = 1.05
+CURVE_MAX_RATIO = 1e6  # the reported curve walks on as long as a move saves time, however costly in perplexity
+CURVE_POINTS_TIMED = 5  # curve points (besides full, paper and calibrated) whose tokens/s is measured
+GENERATE_TOKENS = 16
 
 
 def _rss_mb_after_loading(directory: Path, files: list[str]) -> float:
@@ -86,34 +83,53 @@ def _prompts(tokenizer, count: int = 1, length: int = 64) -> list[list[int]]:
     return [stream[i * length * 4 : i * length * 4 + length].tolist() for i in range(count)]
 
 
-def measure(steps: int | None) -> dict:
+def measure(steps: int | None, lean: bool = False) -> dict:
+    """Everything (``lean=False``); or, ``lean``, only what the SoFT bundle's size and its calibrated
+    dynamic inference need (no SFT/pretrained perplexities, no per-depth latency table): the
+    machine may be too loaded for the full run."""
     import numpy as np
 
     from edgekit.data.wikipedia import token_stream
     from edgekit.exporters.onnx import export_onnx
     from edgekit.models import smollm2
     from edgekit.runtime.sorted import SortedModel
-    from edgekit.sorted.export import exit_perplexities, export_graphs, measure_latency, segments_of, torch_exit_logits
+    from edgekit.sorted.data import trained_positions, unseen_span, wikipedia_tokens
+    from edgekit.sorted.dynamic import calibrated, exit_statistics, threshold_curve
+    from edgekit.sorted.export import (
+        export_graphs,
+        measure_components,
+        measure_latency,
+        segments_of,
+        torch_exit_logits,
+    )
     from edgekit.sorted.model import default_depths
+    from edgekit.sorted.recipe import PAPER_THRESHOLDS
 
     torch.set_num_threads(2)
     soft, soft_record = trained("soft", steps)
-    sft, sft_record = trained("sft", steps)
-    pretrained = CausalLMWithCache(load_hf()[0])
+    sft, sft_record = trained("sft", steps) if not lean else (None, None)
+    pretrained = CausalLMWithCache(load_hf()[0]) if not lean else None
     tokenizer = load_hf()[1]
     depths = default_depths(soft.num_layers)
-    tokens = token_stream(tokenizer, "eval", EVAL_TOKENS, tokenizer.convert_tokens_to_ids("<|endoftext|>"))
+    endoftext = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    tokens = token_stream(tokenizer, "eval", EVAL_TOKENS, endoftext)
     perplexity: dict[str, dict[str, float]] = {}
-    dynamic_quality = {}
-    for name, model in (("pretrained", pretrained), ("sft", sft), ("soft", soft)):
+    soft_eval = None
+    models = (("soft", soft),) if lean else (("pretrained", pretrained), ("sft", sft), ("soft", soft))
+    for name, model in models:
         print(f"perplexity at every depth: {name}", flush=True)
-        per_depth, dynamic = exit_perplexities(
-            torch_exit_logits(model, depths), tokens, dynamic=DYNAMIC if name == "soft" else None
-        )
-        perplexity[name] = {str(depth): value for depth, value in per_depth.items()}
+        stats = exit_statistics(torch_exit_logits(model, depths), tokens)
+        perplexity[name] = {str(depth): stats.perplexity(depth=depth) for depth in depths}
         if name == "soft":
-            dynamic_quality = dynamic
-    partial = {"depths": depths, "eval_tokens": int(tokens.size), "perplexity": perplexity, "dynamic": dynamic_quality}
+            soft_eval = stats
+    # calibration text: the training split's tokens outside every window SoFT/SFT trained on
+    stream = wikipedia_tokens(tokenizer, endoftext)
+    config = method_config("soft", soft.num_layers, steps)
+    seen = trained_positions(stream.size, config.batch, config.seq_len, config.seed, config.steps * config.grad_accum)
+    calibration_tokens = unseen_span(stream, seen, CALIBRATION_TOKENS)
+    print("exit statistics of SoFT on the calibration text", flush=True)
+    soft_calibration = exit_statistics(torch_exit_logits(soft, depths), calibration_tokens)
+    partial = {"depths": depths, "eval_tokens": int(tokens.size), "perplexity": perplexity}
     RESULTS.with_name("sorted.partial.json").write_text(json.dumps(partial, indent=1))
 
     work = Path(tempfile.mkdtemp(prefix="sorted-bench-"))
@@ -137,11 +153,24 @@ def measure(steps: int | None) -> dict:
             }
             for d in depths
         }
-        print("timing every depth in onnxruntime", flush=True)
-        latency = measure_latency(runner, 256, GENERATE_TOKENS, repeats=3)
-        print("timing dynamic inference", flush=True)
+        latency = []
+        if not lean:
+            print("timing every depth in onnxruntime", flush=True)
+            latency = measure_latency(runner, 256, GENERATE_TOKENS, repeats=3)
+        print("timing each segment and the head; calibrating thresholds", flush=True)
+        cost = measure_components(runner, 256)
+        curve = threshold_curve(soft_calibration, cost, max_ratio=CURVE_MAX_RATIO)
+        chosen = calibrated(curve, MAX_PERPLEXITY_RATIO)
+        step = max(1, len(curve) // CURVE_POINTS_TIMED)
+        timed = {f"curve point {i}": point["thresholds"] for i, point in enumerate(curve) if i and i % step == 0}
+        settings = {
+            "full depth 30": None,
+            "calibrated (<= 1.05x on calibration text)": chosen["thresholds"],
+            "paper (0.95..0.7)": list(PAPER_THRESHOLDS),
+            **timed,
+        }
+        print(f"timing dynamic inference: {len(settings)} settings", flush=True)
         prompts = _prompts(tokenizer)
-        settings = {"full depth 30": None, **DYNAMIC}
         seconds = {name: 0.0 for name in settings}
         generated = {name: 0 for name in settings}
         depth_sums = {name: 0.0 for name in settings}
@@ -156,23 +185,34 @@ def measure(steps: int | None) -> dict:
                     generated[name] += len(result.tokens)
                     depth_sums[name] += sum(result.depths)
         full_rate = generated["full depth 30"] / seconds["full depth 30"]
+        full_eval = soft_eval.perplexity()
+        full_calibration = soft_calibration.perplexity()
         dynamic_rows = []
-        for name in settings:
+        for name, thresholds in settings.items():
+            limits = thresholds if thresholds is not None else [2.0] * (len(depths) - 1) + [0.0]
             rate = generated[name] / seconds[name]
-            row = {
-                "setting": name,
-                "thresholds": settings[name],
-                "tokens_per_s": rate,
-                "speedup_vs_full": rate / full_rate,
-                "mean_exit_depth_generating": depth_sums[name] / generated[name],
+            dynamic_rows.append(
+                {
+                    "setting": name,
+                    "thresholds": limits,
+                    "tokens_per_s": rate,
+                    "speedup_vs_full": rate / full_rate,
+                    "predicted_speedup": cost.full_ms() / cost.per_token_ms(soft_calibration, limits),
+                    "mean_exit_depth_generating": depth_sums[name] / generated[name],
+                    "calibration_perplexity_vs_full": soft_calibration.perplexity(limits) / full_calibration,
+                    "perplexity": soft_eval.perplexity(limits),
+                    "perplexity_vs_full": soft_eval.perplexity(limits) / full_eval,
+                    "mean_exit_depth_eval": soft_eval.mean_exit_depth(limits),
+                }
+            )
+        curve_rows = [
+            {
+                **point,
+                "eval_perplexity_vs_full": soft_eval.perplexity(point["thresholds"]) / full_eval,
+                "eval_mean_exit_depth": soft_eval.mean_exit_depth(point["thresholds"]),
             }
-            if name in dynamic_quality:
-                row["perplexity"] = dynamic_quality[name]["perplexity"]
-                row["mean_exit_depth_eval"] = dynamic_quality[name]["mean_exit_depth"]
-            else:
-                row["perplexity"] = perplexity["soft"][str(depths[-1])]
-            row["perplexity_vs_full"] = row["perplexity"] / perplexity["soft"][str(depths[-1])]
-            dynamic_rows.append(row)
+            for point in curve
+        ]
         sorted_files = [path.name for path in paths.values()]
         sorted_bytes = (
             sum(path.stat().st_size for path in paths.values()) + (work / "bundle" / "weights.bin").stat().st_size
@@ -189,36 +229,36 @@ def measure(steps: int | None) -> dict:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     by_depth = {row["depth"]: row for row in latency}
-    sft_full = perplexity["sft"][str(depths[-1])]
-    best_dynamic = [r for r in dynamic_rows[1:] if r["perplexity_vs_full"] <= 1.05]
-    goals = {
-        "soft_24_le_1.10x_sft_full": perplexity["soft"]["24"] / sft_full,
-        "soft_15_le_1.5x_sft_full": perplexity["soft"]["15"] / sft_full,
-        "sft_early_exit_15_x_sft_full": perplexity["sft"]["15"] / sft_full,
-        "sft_early_exit_24_x_sft_full": perplexity["sft"]["24"] / sft_full,
-        "decode_15_speedup_ge_1.8": by_depth[30]["decode_ms_per_token"] / by_depth[15]["decode_ms_per_token"],
-        "dynamic_best_speedup_within_5pct_ppl_ge_1.3": max((r["speedup_vs_full"] for r in best_dynamic), default=None),
-        "bundle_size_ratio_le_1.05": sorted_bytes / full_bytes,
-    }
-    met = {
-        "soft_24_le_1.10x_sft_full": goals["soft_24_le_1.10x_sft_full"] <= 1.10,
-        "soft_15_le_1.5x_sft_full": goals["soft_15_le_1.5x_sft_full"] <= 1.5,
-        "decode_15_speedup_ge_1.8": goals["decode_15_speedup_ge_1.8"] >= 1.8,
-        "dynamic_best_speedup_within_5pct_ppl_ge_1.3": (goals["dynamic_best_speedup_within_5pct_ppl_ge_1.3"] or 0)
-        >= 1.3,
-        "bundle_size_ratio_le_1.05": goals["bundle_size_ratio_le_1.05"] <= 1.05,
-    }
+    calibrated_row = dynamic_rows[1]
+    if lean:
+        goals = {
+            "dynamic_calibrated_speedup_ge_1.3": calibrated_row["speedup_vs_full"],
+            "dynamic_calibrated_eval_perplexity_ratio_le_1.05": calibrated_row["perplexity_vs_full"],
+            "bundle_size_ratio_le_1.05": sorted_bytes / full_bytes,
+        }
+        met = {
+            "dynamic_calibrated_ge_1.3x_within_5pct": goals["dynamic_calibrated_speedup_ge_1.3"] >= 1.3
+            and goals["dynamic_calibrated_eval_perplexity_ratio_le_1.05"] <= 1.05,
+            "bundle_size_ratio_le_1.05": goals["bundle_size_ratio_le_1.05"] <= 1.05,
+        }
+    else:
+        sft_full = perplexity["sft"][str(depths[-1])]
+        goals, met = full_goals(perplexity, sft_full, by_depth, calibrated_row, sorted_bytes / full_bytes)
     return {
+        "run": "lean: SoFT size + dynamic inference only" if lean else "full",
         "budget": {
             **BUDGET,
             **({"steps": steps} if steps else {}),
             "data": "Wikipedia excerpt, non-eval articles (calib split)",
             "note": "reduced budget for a shared 2-core CPU; the recipe default is 60 steps x 4 x 128",
         },
-        "training_seconds": {"soft": soft_record["seconds"], "sft": sft_record["seconds"]},
+        "training_seconds": {
+            name: record["seconds"] for name, record in (("soft", soft_record), ("sft", sft_record)) if record
+        },
         "final_train_loss": {
-            "soft": soft_record["history"][-1]["per_depth"] if soft_record["history"] else None,
-            "sft": sft_record["history"][-1]["per_depth"] if sft_record["history"] else None,
+            name: record["history"][-1]["per_depth"] if record["history"] else None
+            for name, record in (("soft", soft_record), ("sft", sft_record))
+            if record
         },
         "eval": {"dataset": "wikipedia eval split", "tokens": int(tokens.size), "window": 256, "stride": 128},
         "depths": depths,
@@ -226,11 +266,42 @@ def measure(steps: int | None) -> dict:
         "runtime_vs_torch_soft": agreement,
         "latency_onnxruntime_2_threads": latency,
         "dynamic": dynamic_rows,
+        "dynamic_calibration": {
+            "text": "Wikipedia calib-split tokens outside every SoFT/SFT training window (never the eval split)",
+            "tokens": int(calibration_tokens.size),
+            "max_perplexity_ratio": MAX_PERPLEXITY_RATIO,
+            "components_ms": {"segments": cost.segment_ms, "head": cost.head_ms, "catch_up": cost.catch_up},
+            "curve": curve_rows,
+            "perplexity_measure": "teacher-forced sliding windows (256/128); each position scored by the "
+            "distribution of the depth it exits at (exact KV cache: a depth's state depends only on the prefix)",
+        },
         "bundle_bytes": {"all_depths": sorted_bytes, "one_full_depth": full_bytes},
         "onnxruntime_rss_mb": memory,
         "goals": goals,
         "goals_met": met,
     }
+
+
+def full_goals(perplexity: dict, sft_full: float, by_depth: dict, calibrated_row: dict, size_ratio: float):
+    goals = {
+        "soft_24_le_1.10x_sft_full": perplexity["soft"]["24"] / sft_full,
+        "soft_15_le_1.5x_sft_full": perplexity["soft"]["15"] / sft_full,
+        "sft_early_exit_15_x_sft_full": perplexity["sft"]["15"] / sft_full,
+        "sft_early_exit_24_x_sft_full": perplexity["sft"]["24"] / sft_full,
+        "decode_15_speedup_ge_1.8": by_depth[30]["decode_ms_per_token"] / by_depth[15]["decode_ms_per_token"],
+        "dynamic_calibrated_speedup_ge_1.3": calibrated_row["speedup_vs_full"],
+        "dynamic_calibrated_eval_perplexity_ratio_le_1.05": calibrated_row["perplexity_vs_full"],
+        "bundle_size_ratio_le_1.05": size_ratio,
+    }
+    met = {
+        "soft_24_le_1.10x_sft_full": goals["soft_24_le_1.10x_sft_full"] <= 1.10,
+        "soft_15_le_1.5x_sft_full": goals["soft_15_le_1.5x_sft_full"] <= 1.5,
+        "decode_15_speedup_ge_1.8": goals["decode_15_speedup_ge_1.8"] >= 1.8,
+        "dynamic_calibrated_ge_1.3x_within_5pct": goals["dynamic_calibrated_speedup_ge_1.3"] >= 1.3
+        and goals["dynamic_calibrated_eval_perplexity_ratio_le_1.05"] <= 1.05,
+        "bundle_size_ratio_le_1.05": goals["bundle_size_ratio_le_1.05"] <= 1.05,
+    }
+    return goals, met
 
 
 def plot(results: dict, path: Path) -> None:
@@ -239,11 +310,29 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(6, 4))
+    figure, (axis, curve) = plt.subplots(1, 2, figsize=(11, 4))
     depths = results["depths"]
     for name, label in (("pretrained", "pretrained, early exit"), ("sft", "SFT, early exit"), ("soft", "SoFT")):
-        axis.plot(depths, [results["perplexity"][name][str(d)] for d in depths], marker="o", label=label)
-    axis.axhline(results["perplexity"]["sft"][str(depths[-1])], color="grey", linestyle="--", label="SFT full depth")
+        if name in results["perplexity"]:
+            axis.plot(depths, [results["perplexity"][name][str(d)] for d in depths], marker="o", label=label)
+    if "sft" in results["perplexity"]:
+        axis.axhline(results["perplexity"]["sft"][str(depths[-1])], color="grey", linestyle="--", label="SFT full")
+    points = results["dynamic_calibration"]["curve"]
+    curve.plot(
+        [p["eval_perplexity_vs_full"] for p in points],
+        [p["predicted_speedup"] for p in points],
+        "o-",
+        label="predicted",
+    )
+    measured = results["dynamic"]
+    curve.scatter([r["perplexity_vs_full"] for r in measured], [r["speedup_vs_full"] for r in measured], color="red")
+    for row in measured:
+        curve.annotate(row["setting"].split(" (")[0], (row["perplexity_vs_full"], row["speedup_vs_full"]), fontsize=7)
+    curve.axvline(1.05, color="grey", linestyle="--")
+    curve.set_xscale("log")
+    curve.set_xlabel("eval perplexity / full model")
+    curve.set_ylabel("decode tokens/s / full model")
+    curve.set_title("dynamic inference: predicted curve, measured points (red)")
     axis.set_yscale("log")
     axis.set_xlabel("sub-model depth (layers)")
     axis.set_ylabel("held-out Wikipedia perplexity")
@@ -260,6 +349,9 @@ def main() -> None:
     parser.add_argument("--method", choices=("soft", "sft"))
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--steps", type=int, default=0, help="override the budget's steps")
+    parser.add_argument(
+        "--lean", action="store_true", help="measure: only the SoFT bundle's size and dynamic inference"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -267,8 +359,9 @@ def main() -> None:
         _, record = trained(args.method, args.steps or None)
         print(json.dumps({k: v for k, v in record.items() if k != "history"}))
         return
-    results = measure(args.steps or None)
+    results = measure(args.steps or None, lean=args.lean)
     suffix = f"-{args.steps}" if args.steps and args.steps != BUDGET["steps"] else ""
+    suffix += "_dynamic" if args.lean else ""
     RESULTS.with_name(f"sorted{suffix}.json").write_text(json.dumps(results, indent=1))
     plot(results, RESULTS.with_name(f"sorted{suffix}.png"))
     print(json.dumps({key: results[key] for key in ("perplexity", "goals", "goals_met")}, indent=1))

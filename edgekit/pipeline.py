@@ -3,6 +3,15 @@
 Stages are plain functions over an :class:`ExportPlan`, so ``--dry-run`` is the plan alone and a
 failure at any stage leaves nothing behind: the bundle is built in a hidden staging directory
 next to ``out`` and renamed onto it only when every stage has passed.
+
+A transform whose bundles the generic exporters cannot write (e.g. sorted: every depth in one
+bundle) declares it in its module, next to ``Config`` and ``apply``:
+
+- ``FORMATS``: the formats it exports to (default: all of :data:`FORMATS`);
+- ``export_format(fmt, bundle, directory, shapes, verify) -> (FormatSpec, ops, extra)``: writes
+  ``fmt`` itself. It verifies what it wrote (``verify`` is the recipe's tolerance), so ``extra``
+  carries the report's ``verification``, ``quality`` and ``latency_ms``; other keys of ``extra``
+  go into the report's format entry as they are.
 """
 
 from __future__ import annotations
@@ -96,11 +105,10 @@ def plan_export(
     profile = devices.load_profile(device)
     if fmt not in (*FORMATS, "all"):
         raise EdgekitError(f"unknown format '{fmt}' (onnx, pte or all)")
-    formats = list(FORMATS) if fmt == "all" else [fmt]
-    if resolved_recipe.transform == "sorted":  # a many-depth bundle is ONNX segments + head
-        if fmt == "pte":
-            raise EdgekitError("the sorted recipe exports ONNX only (--format onnx)")
-        formats = ["onnx"]
+    supported = list(getattr(resolved_recipe.transform_module(), "FORMATS", FORMATS))
+    if fmt != "all" and fmt not in supported:
+        raise EdgekitError(f"the {resolved_recipe.name} recipe exports {' and '.join(supported)} only (--format ...)")
+    formats = supported if fmt == "all" else [fmt]
     _check_model_spec(model)
     _check_out(out, force)
     if eval_samples <= 0:
@@ -127,18 +135,18 @@ class FormatExport:
 
     spec: FormatSpec
     ops: list
-    extra: dict[str, Any] = field(default_factory=dict)  # format-specific report facts (sorted: per depth)
+    extra: dict[str, Any] = field(default_factory=dict)  # report facts of a transform's own exporter
+
+    @property
+    def self_verified(self) -> bool:
+        """Whether the exporter verified and measured its files itself (a transform's own exporter)."""
+        return "verification" in self.extra
 
 
 def _onnx_format(bundle: ModelBundle, directory: Path, calib: list, shapes: dict[str, tuple]) -> FormatExport:
     from edgekit.exporters.onnx import export_onnx
     from edgekit.exporters.onnx_ops import onnx_op_stats
 
-    if "sorted" in bundle.meta:  # every depth in one bundle, measured per depth (edgekit.sorted.export)
-        from edgekit.sorted.export import sorted_onnx_format
-
-        spec, ops, extra = sorted_onnx_format(bundle, directory, shapes, bundle.meta["sorted"]["verify"])
-        return FormatExport(spec, ops, extra)
     export = export_onnx(bundle, directory, calib or None)
     graphs = {
         ("main" if role == "model" else role): GraphSpec(
@@ -177,8 +185,18 @@ def _pte_format(bundle: ModelBundle, directory: Path, calib: list) -> FormatExpo
 
 
 def _export_format(
-    fmt: str, bundle: ModelBundle, directory: Path, calib: list, shapes: dict[str, tuple]
+    fmt: str,
+    bundle: ModelBundle,
+    directory: Path,
+    calib: list,
+    shapes: dict[str, tuple],
+    recipe: recipes.Recipe | None = None,
 ) -> FormatExport:
+    """``fmt`` by the recipe transform's own ``export_format`` if it has one, else the generic exporter."""
+    custom = getattr(recipe.transform_module(), "export_format", None) if recipe is not None else None
+    if custom is not None:
+        spec, ops, extra = custom(fmt, bundle, directory, shapes, recipe.verify)
+        return FormatExport(spec, ops, extra)
     if fmt == "onnx":
         return _onnx_format(bundle, directory, calib, shapes)
     return _pte_format(bundle, directory, calib)
@@ -344,8 +362,6 @@ def run_export(plan: ExportPlan) -> ExportResult:
     )
     with step(f"transform '{recipe.transform}'"):
         transformed = recipe.transform_module().apply(bundle, calib, settings)
-    if "sorted" in transformed.meta:  # the sorted exporter verifies each depth against these
-        transformed.meta["sorted"]["verify"] = recipe.verify
 
     plan.out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{plan.out.name}.partial-", dir=plan.out.parent))
@@ -355,7 +371,7 @@ def run_export(plan: ExportPlan) -> ExportResult:
         exports: dict[str, FormatExport] = {}
         for fmt in plan.formats:
             with step(f"exporting {fmt}"):
-                exports[fmt] = _export_format(fmt, transformed, staging, calib, shapes)
+                exports[fmt] = _export_format(fmt, transformed, staging, calib, shapes, recipe)
         formats = {fmt: export.spec for fmt, export in exports.items()}
         manifest = Manifest(
             model={
@@ -371,7 +387,7 @@ def run_export(plan: ExportPlan) -> ExportResult:
             formats=formats,
             language_model=_language_model_facts(bundle, staging),
             timesteps=transformed.meta.get("timesteps"),
-            depths=transformed.meta.get("sorted", {}).get("depths"),
+            depths=transformed.meta.get("depths"),
             edgekit_version=__version__,
             created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         )
@@ -390,9 +406,9 @@ def run_export(plan: ExportPlan) -> ExportResult:
 
         per_format: dict[str, Any] = {}
         for fmt, spec in formats.items():
-            if "sorted" in spec.details:  # verified and measured per depth during the export
-                verification = exports[fmt].extra["verification"]
-                quality = exports[fmt].extra["quality"]
+            own = exports[fmt].extra
+            if exports[fmt].self_verified:  # the transform's exporter verified and measured its files
+                verification, quality = own["verification"], own["quality"]
             else:
                 with step(f"verifying {fmt} (float / simulated / runtime)"):
                     verification = verify(transformed, staging, fmt, verify_inputs, recipe)
@@ -411,9 +427,8 @@ def run_export(plan: ExportPlan) -> ExportResult:
                 "device_check": check.as_dict(),
                 "cost_estimate": cost.as_dict(),
             }
-            if "sorted" in spec.details:  # full-depth prefill latency here; every depth's in the manifest
-                entry["latency_ms"] = spec.details["sorted"]["latency"][-1]["prefill_ms"]
-                entry.update({k: v for k, v in exports[fmt].extra.items() if k not in ("verification", "quality")})
+            if exports[fmt].self_verified:
+                entry.update({k: v for k, v in own.items() if k not in ("verification", "quality")})
             else:
                 entry["latency_ms"] = _latency(staging, fmt, verify_inputs[0])
             if fmt in baseline_formats:

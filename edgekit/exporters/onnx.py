@@ -1096,27 +1096,82 @@ def save_sharing_weights(models: dict[str, onnx.ModelProto], out_dir: Path, weig
     """Save ``{name}.onnx`` for each model with every large initializer in one ``weights_name`` file.
 
     Initializers with the same dtype, shape and bytes are written once and referenced by offset
-    from every graph, so prefill and decode graphs of one LM cost one copy of the weights.
+    from every graph, so prefill and decode graphs of one LM cost one copy of the weights. A
+    matrix that is the transpose of one already written (the exporter folds ``lm_head = embed.T``
+    of a tied LM into a second layout) is not written again either: its graph reads the stored
+    layout through a ``Transpose`` node (onnxruntime folds it at load; the file holds one copy).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     weights_path = out_dir / weights_name
-    stored: dict[str, tuple[int, int]] = {}
+    stored: dict[str, _Stored] = {}
+    matrices: dict[tuple[int, tuple[int, ...]], list[str]] = {}  # (dtype, dims) -> keys of stored 2-D tensors
     with open(weights_path, "wb") as blob:
         for name, model in models.items():
-            for tensor in _large_tensors(model):
+            for tensor in list(_large_tensors(model)):
                 data = _tensor_bytes(tensor)
-                key = hashlib.sha256(f"{tensor.data_type}:{list(tensor.dims)}:".encode() + data).hexdigest()
+                key = _content_key(tensor.data_type, list(tensor.dims), data)
                 if key not in stored:
+                    source = _stored_transpose(tensor, data, stored, matrices)
+                    if source is not None:
+                        _read_through_transpose(model, tensor, source, weights_name)
+                        continue
                     offset = blob.tell()
                     padding = (-offset) % (ALIGN if len(data) >= PAGE_ALIGNED_BYTES else SMALL_ALIGN)
                     blob.write(b"\0" * padding)
                     offset += padding
                     blob.write(data)
-                    stored[key] = (offset, len(data))
-                offset, length = stored[key]
-                _point_at(tensor, weights_name, offset, length)
+                    stored[key] = _Stored(tensor.name, tensor.data_type, list(tensor.dims), offset, len(data))
+                    if len(tensor.dims) == 2:
+                        matrices.setdefault((tensor.data_type, tuple(tensor.dims)), []).append(key)
+                _point_at(tensor, weights_name, stored[key].offset, stored[key].length)
             onnx.save_model(model, str(out_dir / f"{name}.onnx"))
     return weights_path
+
+
+@dataclass(frozen=True)
+class _Stored:
+    """Where one initializer's bytes sit in the shared weights file."""
+
+    name: str
+    data_type: int
+    dims: list[int]
+    offset: int
+    length: int
+
+
+def _content_key(data_type: int, dims: list[int], data: bytes) -> str:
+    return hashlib.sha256(f"{data_type}:{dims}:".encode() + data).hexdigest()
+
+
+def _stored_transpose(
+    tensor: TensorProto, data: bytes, stored: dict[str, _Stored], matrices: dict[tuple[int, tuple[int, ...]], list[str]]
+) -> _Stored | None:
+    """The stored matrix whose transpose ``tensor`` is, if any (checked only when the shapes fit)."""
+    if len(tensor.dims) != 2 or not matrices.get((tensor.data_type, tuple(reversed(tensor.dims)))):
+        return None
+    dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    transposed = np.ascontiguousarray(np.frombuffer(data, dtype=dtype).reshape(tuple(tensor.dims)).T).tobytes()
+    return stored.get(_content_key(tensor.data_type, list(reversed(tensor.dims)), transposed))
+
+
+def _read_through_transpose(model: onnx.ModelProto, tensor: TensorProto, source: _Stored, location: str) -> None:
+    """Replace initializer ``tensor`` by ``Transpose`` of ``source``'s bytes in the shared file."""
+    graph = model.graph
+    shared = TensorProto(name=source.name, data_type=source.data_type, dims=source.dims)
+    _point_at(shared, location, source.offset, source.length)
+    same_name = [init for init in graph.initializer if init.name == source.name]
+    taken = {init.name for init in graph.initializer} | {value.name for value in graph.input}
+    if same_name and same_name[0] == shared:  # this graph already reads the stored layout: reuse it
+        shared_name, extra = source.name, []
+    else:
+        shared_name = source.name if source.name not in taken else f"{tensor.name}.transposed_source"
+        shared.name = shared_name
+        extra = [shared]
+    kept = [init for init in graph.initializer if init.name != tensor.name]
+    del graph.initializer[:]
+    graph.initializer.extend([*kept, *extra])
+    transpose = helper.make_node("Transpose", [shared_name], [tensor.name], name=f"{tensor.name}/shared", perm=[1, 0])
+    graph.node.insert(0, transpose)
 
 
 def _large_tensors(model: onnx.ModelProto) -> Iterable[TensorProto]:

@@ -119,3 +119,30 @@ def batches(
     if source == WIKIPEDIA:
         return lm_batches(wikipedia_tokens(tokenizer, separator_id), batch, seq_len, seed)
     return alpaca_batches(read_alpaca(Path(source)), tokenizer, batch, seq_len, seed)
+
+
+def trained_positions(size: int, batch: int, seq_len: int, seed: int, draws: int) -> np.ndarray:
+    """Which positions of a ``size``-token stream :func:`lm_batches` put in its first ``draws`` batches.
+
+    The windows depend only on the seed, so they can be replayed without the model.
+    """
+    seen = np.zeros(size, dtype=bool)
+    generator = np.random.default_rng(seed)
+    for _ in range(draws):
+        for start in generator.integers(0, size - seq_len + 1, size=batch):
+            seen[start : start + seq_len] = True
+    return seen
+
+
+def unseen_span(tokens: np.ndarray, seen: np.ndarray, length: int) -> np.ndarray:
+    """The first ``length`` consecutive tokens that no training window covered.
+
+    Calibration (e.g. of exit thresholds) then uses text of the training split's kind that the
+    fine-tuning never saw, and never the evaluation split.
+    """
+    run = 0
+    for position, covered in enumerate(seen):
+        run = 0 if covered else run + 1
+        if run == length:
+            return np.asarray(tokens[position - length + 1 : position + 1])
+    raise EdgekitError(f"no {length} consecutive tokens of the training text are unseen by the fine-tuning")

@@ -24,11 +24,11 @@ import onnx
 import torch
 from torch import nn
 
-from edgekit.evaluate import log_softmax
 from edgekit.exporters.onnx import WEIGHTS_FILE, describe_graph, save_sharing_weights, torch_to_onnx
 from edgekit.models.llama import CausalLMWithCache
 from edgekit.runtime.manifest import FormatSpec, GraphSpec, TensorSpec
-from edgekit.runtime.sorted import SortedModel, State, dynamic_exit_depths
+from edgekit.runtime.sorted import SortedModel, State
+from edgekit.sorted.dynamic import DecodeCost, calibrated, exit_statistics, threshold_curve
 from edgekit.sorted.model import exit_logits
 
 HEAD = "head"
@@ -137,6 +137,11 @@ def format_spec(paths: dict[str, Path], out_dir: Path, info: dict[str, Any]) -> 
 
 
 # -- measurements in the exported runtime ---------------------------------------------------------
+def timing_prompt(length: int) -> np.ndarray:
+    """Arbitrary token ids for timing (the values do not change the time); all < 97, valid in any vocabulary."""
+    return (np.arange(length, dtype=np.int64) * 31 + 7) % 97
+
+
 def measure_latency(
     runner: SortedModel, prompt_tokens: int, decode_steps: int, repeats: int = 3
 ) -> list[dict[str, Any]]:
@@ -146,7 +151,7 @@ def measure_latency(
     changes on a shared machine hit every depth alike and the ratios stay fair.
     """
     runner.load_all()
-    prompt = (np.arange(prompt_tokens, dtype=np.int64) * 7919 + 11) % 1000 + 100
+    prompt = timing_prompt(prompt_tokens)
     timings: dict[int, dict[str, list[float]]] = {d: {"prefill": [], "decode": []} for d in runner.depths}
     for _ in range(repeats):
         for depth in runner.depths:
@@ -177,6 +182,41 @@ def measure_latency(
     return rows
 
 
+def measure_components(runner: SortedModel, prompt_tokens: int, repeats: int = 8) -> DecodeCost:
+    """Median one-token decode time of each segment and of the head after a ``prompt_tokens`` prompt.
+
+    Also a two-position call of every segment, for the marginal cost of the batched catch-up
+    (the ratio of the summed extra time to the summed one-position time). Calls are interleaved
+    so load changes on a shared machine hit every component alike.
+    """
+    runner.load_all()
+    prompt = timing_prompt(prompt_tokens)
+    state = State()
+    hidden = {0: prompt[None, :]}
+    for index in range(len(runner.segments)):  # every segment's cache filled once, its inputs kept
+        out = runner._run_segment(index, hidden[index], state)
+        hidden[index + 1] = out
+    single = {index: (hidden[index][:, -1:]) for index in range(len(runner.segments))}
+    double = {index: (hidden[index][:, -2:]) for index in range(len(runner.segments))}
+    one: dict[int, list[float]] = {i: [] for i in single}
+    two: dict[int, list[float]] = {i: [] for i in single}
+    head: list[float] = []
+    last = hidden[len(runner.segments)][:, -1:]
+    for _ in range(repeats):
+        for index in single:
+            for chunk, times in ((single[index], one[index]), (double[index], two[index])):
+                trial = State(cache=dict(state.cache))  # the same past every time; the copy is not timed
+                started = time.perf_counter()
+                runner._run_segment(index, chunk, trial)
+                times.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        runner.head(last)
+        head.append(time.perf_counter() - started)
+    segment_ms = [float(np.median(one[i]) * 1e3) for i in single]
+    extra = sum(float(np.median(two[i]) * 1e3) - segment_ms[i] for i in single)
+    return DecodeCost(segment_ms, float(np.median(head) * 1e3), max(0.0, extra / sum(segment_ms)))
+
+
 def exit_perplexities(
     logits_fn: Callable[[np.ndarray], dict[int, np.ndarray]],
     tokens: np.ndarray,
@@ -186,44 +226,16 @@ def exit_perplexities(
 ) -> tuple[dict[int, float], dict[str, dict[str, float]]]:
     """Sliding-window perplexity at every depth, and of each dynamic-exit setting, from one pass.
 
-    The windows and scored tokens are those of :func:`edgekit.evaluate.perplexity`.
-    ``logits_fn(ids[1, L]) -> {depth: logits[1, L, V]}``; ``dynamic`` maps a setting's name to
-    its per-depth thresholds. For those, each position is scored by the depth it would exit at
-    (see :func:`~edgekit.runtime.sorted.dynamic_exit_depths`), and the mean exit depth is kept.
+    ``dynamic`` maps a setting's name to its per-depth thresholds; each position is scored by
+    the depth it exits at (see :mod:`edgekit.sorted.dynamic`), and the mean exit depth is kept.
     """
-    if stride <= 0 or stride > window:
-        raise ValueError("need 0 < stride <= window")
-    dynamic = dynamic or {}
-    ids = np.asarray(tokens, dtype=np.int64).reshape(-1)
-    nll: dict[int, float] = {}
-    dynamic_nll = dict.fromkeys(dynamic, 0.0)
-    dynamic_depth = dict.fromkeys(dynamic, 0.0)
-    scored, previous_end = 0, 0
-    for start in range(0, ids.size - 1, stride):
-        end = min(start + window, ids.size)
-        chunk = ids[start:end]
-        first_new = max(previous_end - start, 1)
-        rows = np.arange(first_new - 1, chunk.size - 1)
-        targets = chunk[first_new:]
-        per_depth = logits_fn(chunk[None, :])
-        picked = {}
-        for depth, logits in per_depth.items():
-            picked[depth] = log_softmax(np.asarray(logits)[0])[rows, targets]
-            nll[depth] = nll.get(depth, 0.0) - float(picked[depth].sum())
-        for name, thresholds in dynamic.items():
-            chosen = dynamic_exit_depths({d: np.asarray(out)[0, rows] for d, out in per_depth.items()}, thresholds)
-            dynamic_nll[name] -= float(sum(picked[int(d)][i] for i, d in enumerate(chosen)))
-            dynamic_depth[name] += float(chosen.sum())
-        scored += targets.size
-        previous_end = end
-        if end == ids.size:
-            break
-    per_depth_ppl = {depth: float(np.exp(value / scored)) for depth, value in sorted(nll.items())}
-    dynamic_ppl = {
-        name: {"perplexity": float(np.exp(dynamic_nll[name] / scored)), "mean_exit_depth": dynamic_depth[name] / scored}
-        for name in dynamic
+    stats = exit_statistics(logits_fn, tokens, window, stride)
+    per_depth = {depth: stats.perplexity(depth=depth) for depth in stats.depths}
+    settings = {
+        name: {"perplexity": stats.perplexity(limits), "mean_exit_depth": stats.mean_exit_depth(limits)}
+        for name, limits in (dynamic or {}).items()
     }
-    return per_depth_ppl, dynamic_ppl
+    return per_depth, settings
 
 
 def torch_exit_logits(model: CausalLMWithCache, depths: list[int]) -> Callable[[np.ndarray], dict[int, np.ndarray]]:
@@ -262,6 +274,32 @@ def _verify_depths(
     }
 
 
+def calibration_text(bundle, settings: dict[str, Any]) -> np.ndarray:
+    """Training-split (Wikipedia ``calib``) tokens no fine-tuning window covered: threshold calibration text."""
+    from edgekit.data.wikipedia import token_stream
+    from edgekit.sorted.data import trained_positions, unseen_span
+
+    stream = token_stream(bundle.tokenizer, "calib", None, bundle.meta.get("document_separator_id"))
+    windows = settings.get("training", {}).get("windows")
+    seen = trained_positions(stream.size, **windows) if windows else np.zeros(stream.size, dtype=bool)
+    return unseen_span(stream, seen, settings["calibration_tokens"])
+
+
+def calibrate_thresholds(
+    logits_fn: Callable[[np.ndarray], dict[int, np.ndarray]], text: np.ndarray, cost: DecodeCost, max_ratio: float
+) -> dict[str, Any]:
+    """The tokens/s-vs-perplexity curve on ``text`` and its fastest point within ``max_ratio``."""
+    stats = exit_statistics(logits_fn, text)
+    curve = threshold_curve(stats, cost)
+    return {
+        "text": "Wikipedia calib-split tokens outside every fine-tuning window (never the eval split)",
+        "tokens": int(text.size),
+        "max_perplexity_ratio": max_ratio,
+        "curve": curve,
+        "chosen": calibrated(curve, max_ratio),
+    }
+
+
 def sorted_onnx_format(
     bundle, directory: Path, shapes: dict[str, tuple], verify_config, threads: int | None = None
 ) -> tuple[FormatSpec, list, dict[str, Any]]:
@@ -287,7 +325,6 @@ def sorted_onnx_format(
         "head": HEAD,
         "num_kv_heads": model.num_kv_heads,
         "head_dim": model.head_dim,
-        "thresholds": list(settings["thresholds"]),
         "training": settings.get("training", {}),
     }
     with tempfile.TemporaryDirectory(prefix=".sorted-export-", dir=directory.parent) as tmp:
@@ -305,6 +342,17 @@ def sorted_onnx_format(
         ]
         if failures:
             raise EdgekitError(f"onnx export disagrees with torch: {'; '.join(failures)}")
+        with step("timing each segment and the head (one-token decode)"):
+            cost = measure_components(runner, settings["latency_prompt"])
+        if settings.get("thresholds") is not None:
+            info["thresholds"] = list(settings["thresholds"])
+        else:
+            text = calibration_text(bundle, settings)
+            with step(f"calibrating exit thresholds on {text.size} unseen training-split tokens"):
+                info["dynamic_calibration"] = calibrate_thresholds(
+                    runner.all_exit_logits, text, cost, settings["max_perplexity_ratio"]
+                )
+            info["thresholds"] = info["dynamic_calibration"]["chosen"]["thresholds"]
         with step(f"perplexity of every depth on {tokens.size} held-out Wikipedia tokens (onnxruntime)"):
             per_depth, dynamic = exit_perplexities(
                 runner.all_exit_logits, tokens, dynamic={"default": info["thresholds"]}
@@ -313,6 +361,7 @@ def sorted_onnx_format(
         with step("timing every depth (prefill and decode)"):
             latency = measure_latency(runner, settings["latency_prompt"], settings["latency_decode"])
         info["latency"] = latency
+        info["components_ms"] = {"segments": cost.segment_ms, "head": cost.head_ms, "catch_up": cost.catch_up}
         info["quality"] = [
             {
                 "depth": depth,
@@ -323,6 +372,7 @@ def sorted_onnx_format(
             }
             for depth, ppl in per_depth.items()
         ]
+        dynamic["default"]["perplexity_ratio"] = dynamic["default"]["perplexity"] / per_depth[depths[-1]]
         info["dynamic_quality"] = dynamic["default"]
         size = sum(path.stat().st_size for path in [*paths.values(), directory / WEIGHTS_FILE])
         quality = {

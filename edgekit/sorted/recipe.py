@@ -4,8 +4,9 @@
 weights of an identical earlier run from the cache (``~/.cache/edgekit/sorted-<key>``, keyed by
 the source model's hash and every training setting) or from ``checkpoint`` (a user directory).
 A run that stops part-way leaves its resume state beside the entry, and the next run continues it.
-The returned bundle's ``meta["sorted"]`` tells the ONNX exporter to write one bundle holding every
-depth (see :mod:`edgekit.sorted.export`).
+The returned bundle's ``meta["sorted"]`` holds what the export needs; :func:`export_format` (the
+pipeline's hook for transforms with their own exporter) writes one ONNX bundle holding every
+depth and verifies and measures each (see :mod:`edgekit.sorted.export`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from edgekit.sorted.data import WIKIPEDIA
 from edgekit.sorted.train import TrainConfig, TrainResult, load_weights, save_weights, train
 
 CACHE_VERSION = 1
+FORMATS = ("onnx",)  # a many-depth bundle is ONNX segments + one head sharing one weights file
 PAPER_THRESHOLDS = (0.95, 0.95, 0.9, 0.9, 0.8, 0.8, 0.7)  # Sorted LLaMA, layers 12..36
 
 
@@ -34,21 +36,26 @@ class Config(TrainConfig):
     """Training budget (see :class:`TrainConfig`) plus what the export measures and ships.
 
     ``thresholds``: per-token dynamic inference exits at the first depth whose top-token
-    probability reaches its threshold; one value per depth (the last, full depth always accepts)
-    or one value for all. The paper's LLaMA-13B values run from 0.95 at the shallowest exit to
-    0.7 at the deepest; ours are recorded in the manifest and can be changed at run time.
+    probability reaches its threshold; one value per depth (the last, full depth always accepts;
+    a value above 1 disables an exit) or one value for all. Unset, the export calibrates them on
+    ``calibration_tokens`` of training-split text the fine-tuning never saw (never the eval
+    split): the fastest setting whose perplexity there is within ``max_perplexity_ratio`` × the
+    full model's (see :mod:`edgekit.sorted.dynamic`). The manifest records them; ``edgekit run
+    --depth dynamic`` uses them.
     """
 
     train: bool = True  # false: export the pretrained model's sub-models as they are (early exit)
     checkpoint: str | None = None  # a directory for the trained weights instead of the cache
     thresholds: list[float] | None = None
+    calibration_tokens: int = 1024  # unseen training-split tokens the thresholds are calibrated on
+    max_perplexity_ratio: float = 1.05  # calibrated dynamic inference: at most this × full perplexity
     eval_tokens: int = 4096  # held-out Wikipedia tokens for each depth's perplexity in the manifest
     latency_prompt: int = 256  # prompt length of the per-depth prefill latency
     latency_decode: int = 32  # decode steps of the per-depth tokens/s
     compare_size: bool = True  # also export one full-depth bundle, to report the size ratio
 
 
-def default_thresholds(count: int) -> list[float]:
+def paper_thresholds(count: int) -> list[float]:
     """The paper's exit thresholds for seven depths; otherwise the same 0.95 -> 0.7 spread."""
     if count == len(PAPER_THRESHOLDS):
         return list(PAPER_THRESHOLDS)
@@ -119,11 +126,13 @@ def apply(bundle: ModelBundle, data: object, config: Config) -> ModelBundle:
     if bundle.task != "causal-lm" or not isinstance(module, CausalLMWithCache):
         raise EdgekitError(f"the sorted recipe needs a LLaMA-family causal LM; {bundle.spec} is a {bundle.task}")
     depths = config.resolved_depths(module.num_layers)
-    thresholds = list(config.thresholds) if config.thresholds is not None else default_thresholds(len(depths))
-    if len(thresholds) not in (1, len(depths)):
+    thresholds = list(config.thresholds) if config.thresholds is not None else None
+    if thresholds is not None and len(thresholds) not in (1, len(depths)):
         raise EdgekitError(f"thresholds: give one value or one per depth ({len(depths)}), got {len(thresholds)}")
-    if len(thresholds) == 1:
+    if thresholds is not None and len(thresholds) == 1:
         thresholds = thresholds * len(depths)
+    if config.calibration_tokens < 2 or not config.max_perplexity_ratio >= 1.0:
+        raise EdgekitError("calibration_tokens must be at least 2 and max_perplexity_ratio at least 1")
     training: dict[str, Any] = {"trained": False}
     if config.train:
         result, where = fine_tuned(
@@ -141,14 +150,39 @@ def apply(bundle: ModelBundle, data: object, config: Config) -> ModelBundle:
             "steps": result.steps,
             "final_losses": final.get("per_depth"),
         }
+        if config.data == WIKIPEDIA:  # the windows it trained on, so calibration text avoids them
+            training["windows"] = {
+                "batch": config.batch,
+                "seq_len": config.seq_len,
+                "seed": config.seed,
+                "draws": config.steps * config.grad_accum,
+            }
     module.eval()
     sorted_meta = {
         "depths": depths,
-        "thresholds": thresholds,
+        "thresholds": thresholds,  # None: calibrated by the export
+        "calibration_tokens": config.calibration_tokens,
+        "max_perplexity_ratio": config.max_perplexity_ratio,
         "training": training,
         "eval_tokens": config.eval_tokens,
         "latency_prompt": config.latency_prompt,
         "latency_decode": config.latency_decode,
         "compare_size": config.compare_size,
     }
-    return bundle.replace(simulated=module, meta={**bundle.meta, "sorted": sorted_meta})
+    return bundle.replace(simulated=module, meta={**bundle.meta, "sorted": sorted_meta, "depths": depths})
+
+
+def export_format(
+    fmt: str, bundle: ModelBundle, directory: Path, shapes: dict[str, tuple], verify: Any
+) -> tuple[Any, list, dict[str, Any]]:
+    """The pipeline's hook: every depth in one ONNX bundle, verified and measured per depth.
+
+    ``extra["latency_ms"]`` is the full depth's prefill; every depth's latency is in the manifest.
+    """
+    from edgekit.sorted.export import sorted_onnx_format
+
+    if fmt not in FORMATS:
+        raise EdgekitError(f"the sorted recipe exports {' and '.join(FORMATS)} only, not {fmt}")
+    spec, ops, extra = sorted_onnx_format(bundle, directory, shapes, verify)
+    extra["latency_ms"] = spec.details["sorted"]["latency"][-1]["prefill_ms"]
+    return spec, ops, extra

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -14,7 +15,14 @@ from edgekit.errors import EdgekitError
 from edgekit.models.llama import CausalLMWithCache
 from edgekit.runtime.manifest import Manifest
 from edgekit.runtime.sorted import SortedModel, dynamic_exit_depths, softmax_confidence
-from edgekit.sorted.export import exit_perplexities, export_graphs, format_spec, segments_of, torch_exit_logits
+from edgekit.sorted.export import (
+    exit_perplexities,
+    export_graphs,
+    format_spec,
+    measure_components,
+    segments_of,
+    torch_exit_logits,
+)
 from edgekit.sorted.model import exit_logits, truncated
 from tests.sorted.tiny import tiny_llama, token_ids
 
@@ -81,13 +89,23 @@ def test_every_depth_in_the_runtime_matches_torch(model: CausalLMWithCache, bund
         np.testing.assert_allclose(logits, expected[depth], atol=1e-4, rtol=1e-4)
 
 
-def test_layer_weights_are_stored_once(model: CausalLMWithCache, bundle: Path) -> None:
-    # Known gap (README): the head graph holds the tied embedding matrix in another layout than the
-    # first segment's Gather, so that one matrix is written twice; every layer is stored once.
+def test_every_weight_is_stored_once(model: CausalLMWithCache, bundle: Path) -> None:
+    # the tied embedding / LM head too: the head graph reads the first segment's table transposed
     unique = sum({p.data_ptr(): p.numel() * 4 for p in model.hf_model.parameters()}.values())
-    embedding = model.embed_tokens.weight.numel() * 4
     stored = (bundle / "weights.bin").stat().st_size
-    assert stored <= unique + embedding + 32 * 1024, (stored, unique)
+    assert stored <= unique, (stored, unique)  # norm vectors under 1 KB stay inline in their graphs
+    head, first = _external(bundle / "head.onnx"), _external(bundle / "segment_0.onnx")
+    assert head and all(first.get(name) == where for name, where in head.items())  # same bytes, same offset
+
+
+def _external(path: Path) -> dict[str, dict[str, str]]:
+    """Initializer name -> its location/offset/length in the shared weights file."""
+    model = onnx.load(str(path), load_external_data=False)
+    return {
+        init.name: {entry.key: entry.value for entry in init.external_data}
+        for init in model.graph.initializer
+        if init.data_location == onnx.TensorProto.EXTERNAL
+    }
 
 
 def test_fixed_depth_generation_matches_torch(model: CausalLMWithCache, bundle: Path) -> None:
@@ -162,6 +180,12 @@ def test_dynamic_perplexity_from_exit_logits(model: CausalLMWithCache) -> None:
     assert dynamic["never"]["perplexity"] == pytest.approx(per_depth[6], rel=1e-6)
     assert dynamic["always"]["perplexity"] == pytest.approx(per_depth[2], rel=1e-6)
     assert dynamic["always"]["mean_exit_depth"] == 2.0
+
+
+def test_component_timings_cover_every_segment(bundle: Path) -> None:
+    cost = measure_components(runner_of(bundle), prompt_tokens=8, repeats=2)
+    assert len(cost.segment_ms) == len(DEPTHS) and min(cost.segment_ms) > 0 and cost.head_ms > 0
+    assert cost.catch_up >= 0 and cost.full_ms() == pytest.approx(sum(cost.segment_ms) + cost.head_ms)
 
 
 def test_dynamic_exit_depths_rule() -> None:

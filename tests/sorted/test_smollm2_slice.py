@@ -16,6 +16,7 @@ SETTINGS = [
     "batch=1",
     "seq_len=32",
     "eval_tokens=128",
+    "calibration_tokens=128",
     "latency_prompt=16",
     "latency_decode=2",
     "compare_size=false",
@@ -49,6 +50,16 @@ def test_manifest_lists_every_depth_with_latency_and_quality(exported: Path) -> 
         assert check["sqnr_db"] > 40 and check["top1_agreement"] > 0.99
     assert sorted(p.name for p in exported.glob("*.onnx")) == ["head.onnx", "segment_0.onnx", "segment_1.onnx"]
     assert info["training"]["trained"] and info["training"]["steps"] == 2
+
+
+def test_thresholds_are_calibrated_on_unseen_training_text(exported: Path) -> None:
+    info = json.loads((exported / "manifest.json").read_text())["formats"]["onnx"]["details"]["sorted"]
+    calibration = info["dynamic_calibration"]
+    assert info["thresholds"] == calibration["chosen"]["thresholds"] and len(info["thresholds"]) == 2
+    assert calibration["tokens"] == 128 and calibration["curve"][0]["perplexity_ratio"] == 1.0
+    assert calibration["chosen"]["perplexity_ratio"] <= 1.05
+    assert len(info["components_ms"]["segments"]) == 2 and info["components_ms"]["head"] > 0
+    assert info["dynamic_quality"]["perplexity_ratio"] > 0
 
 
 @pytest.mark.parametrize("flags", [["--depth", "1"], ["--depth", "dynamic"], ["--budget-ms", "100000"]])
