@@ -184,3 +184,42 @@ def select(
 def gather(features: np.ndarray, kept: list[np.ndarray]) -> np.ndarray:
     """Concatenate each partition's kept token features: [k+1, T, D] -> [Σ kept, D]."""
     return np.concatenate([features[index, keep] for index, keep in enumerate(kept)], axis=0)
+
+
+ENCODER_CONFIG = "hired.json"
+ENCODER_OUTPUTS = ("patch_features", "cls_attention_early", "cls_attention_late")
+
+
+class HiredEncoder:
+    """An exported HiRED encoder (``edgekit.vlm.export``) run in onnxruntime, plus the selection.
+
+    ``__call__(pixel_values[k+1, 3, H, W], layout, ratio)`` returns the kept tokens' features
+    [Σ kept, D] and the kept indices per partition: what goes on to the projector and the LLM.
+    """
+
+    def __init__(self, directory, threads: int | None = None) -> None:
+        import json
+        from pathlib import Path
+
+        from edgekit.runtime.backends import OnnxBackend
+
+        directory = Path(directory)
+        path = directory / ENCODER_CONFIG
+        if not path.is_file():
+            raise EdgekitError(f"{directory} holds no {ENCODER_CONFIG}: not a HiRED encoder export")
+        self.config = json.loads(path.read_text())
+        self.patch_grid = tuple(self.config["patch_grid"])
+        self.backend = OnnxBackend(directory / self.config["file"], threads)
+
+    def encode(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
+        """The graph's three outputs for a stack of partitions."""
+        return self.backend.run({"pixel_values": np.ascontiguousarray(pixel_values, dtype=np.float32)})
+
+    def __call__(
+        self, pixel_values: np.ndarray, layout: tuple[int, int], ratio: float = 0.2, alpha: float = 0.5
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        out = self.encode(pixel_values)
+        settings = HiredSettings(ratio, alpha, self.config["early_layer"], self.config["late_layer"])
+        early, late = out["cls_attention_early"], out["cls_attention_late"]
+        kept = select(early[0], late, self.patch_grid, layout, settings)
+        return gather(out["patch_features"], kept), kept

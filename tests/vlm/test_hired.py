@@ -17,21 +17,6 @@ from edgekit.vlm import hired as th
 REPO = Path(__file__).resolve().parents[2]
 
 
-def tiny_vit(layers: int = 4, image: int = 16, patch: int = 4):
-    from transformers import Dinov2Config, Dinov2Model
-
-    torch.manual_seed(0)
-    config = Dinov2Config(
-        hidden_size=32,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        intermediate_size=64,
-        patch_size=patch,
-        image_size=image,
-    )
-    return Dinov2Model(config).eval()
-
-
 @pytest.mark.parametrize("ratio", [0.05, 0.1, 0.2, 0.37, 0.4, 0.8, 1.0])
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 0.9])
 def test_allocation_sums_to_budget_and_respects_capacity(ratio: float, alpha: float) -> None:
@@ -86,9 +71,9 @@ def test_top_tokens_break_ties_like_torch() -> None:
 
 
 @pytest.fixture(scope="module")
-def encoded():
+def encoded(make_tiny_vit):
     """A tiny random DINOv2 over a full image + 2x2 sub-images: features and both CLS rows."""
-    vit = tiny_vit()
+    vit = make_tiny_vit()
     encoder = th.ClsAttentionViT(vit)
     torch.manual_seed(1)
     pixels = torch.randn(5, 3, 16, 16)
