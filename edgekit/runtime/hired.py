@@ -81,6 +81,8 @@ def region_shares(early_cls: np.ndarray, patch_grid: tuple[int, int], layout: tu
     if scores.shape[-1] != patch_grid[0] * patch_grid[1]:
         needed = patch_grid[0] * patch_grid[1]
         raise EdgekitError(f"CLS attention has {scores.shape[-1]} patches, the grid {patch_grid} needs {needed}")
+    if layout[0] * layout[1] == 0:  # no sub-images
+        return np.zeros(0)
     regions = region_index(patch_grid, layout)
     return np.bincount(regions, weights=scores.astype(np.float64), minlength=layout[0] * layout[1])
 

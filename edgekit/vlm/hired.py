@@ -31,6 +31,8 @@ def cls_attention(attentions: Sequence[torch.Tensor], layer: int, prefix: int = 
 
 def region_shares(early_cls_full: torch.Tensor, patch_grid: tuple[int, int], layout: tuple[int, int]) -> torch.Tensor:
     """Early CLS attention mass of the full image over each sub-image's 2-D region, [k]."""
+    if layout[0] * layout[1] == 0:  # no sub-images
+        return torch.zeros(0, dtype=torch.float64)
     regions = torch.from_numpy(region_index(patch_grid, layout)).to(early_cls_full.device)
     scores = early_cls_full.reshape(-1).to(torch.float64)
     return torch.zeros(layout[0] * layout[1], dtype=torch.float64, device=scores.device).index_add_(0, regions, scores)
