@@ -54,10 +54,10 @@ STD = np.asarray((0.229, 0.224, 0.225), dtype=np.float32)
 class TrainBudget:
     """What the cached projector was trained with (part of the cache entry's identity)."""
 
-    ridge_scenes: int = 300  # stage 1: closed-form alignment on every patch of these scenes
+    ridge_scenes: int = 150  # stage 1: closed-form alignment on every patch of these scenes
     ridge_lambda: float = 10.0
-    steps: int = 160  # stage 2: end-to-end steps on the answer loss, one scene (4 questions) each
-    learning_rate: float = 1e-3
+    steps: int = 48  # stage 2: end-to-end steps on the answer loss, one scene (4 questions) each
+    learning_rate: float = 2e-3
     seed: int = 0
 
 
@@ -117,6 +117,7 @@ class Answer:
     new_tokens: int
     kv_cache_bytes: int
     kept: list[list[int]] = field(default_factory=list)
+    choice: str | None = None  # the most likely of the given candidate answers (closed vocabulary)
 
 
 class DinoSmolVLM(nn.Module):
@@ -225,6 +226,7 @@ class DinoSmolVLM(nn.Module):
         max_new_tokens: int = 8,
         stop_at_eos: bool = True,
         seed: int = 0,
+        candidates: tuple[str, ...] | None = None,
     ) -> Answer:
         """Greedy answer; times the first token (encoder included) and the decode steps apart."""
         if not 0.0 < ratio <= 1.0:
@@ -237,6 +239,7 @@ class DinoSmolVLM(nn.Module):
         logits, cache = self._prefill(embeds)
         token = int(logits[0, -1].argmax())
         ttft = time.perf_counter() - start + encode_s
+        choice = self._choose(logits, cache, candidates) if candidates else None
         tokens = [token]
         decode_start = time.perf_counter()
         while len(tokens) < max_new_tokens and not (stop_at_eos and token in self.eos_ids):
@@ -248,7 +251,30 @@ class DinoSmolVLM(nn.Module):
         text = self.tokenizer.decode([t for t in tokens if t not in self.eos_ids], skip_special_tokens=True)
         kv = sum(t.numel() * t.element_size() for t in cache)
         visual_count = sum(int(v.shape[0]) for v in visual)
-        return Answer(text.strip(), visual_count, length, ttft, decode_s, len(tokens) - 1, kv, kept)
+        return Answer(text.strip(), visual_count, length, ttft, decode_s, len(tokens) - 1, kv, kept, choice)
+
+    def _choose(self, logits: torch.Tensor, cache: list[torch.Tensor], candidates: tuple[str, ...]) -> str:
+        """The candidate whose tokens (and <|im_end|>) are most likely after the prompt.
+
+        One batched decode over all candidates from the prefill's cache; right padding is never
+        attended by the real tokens before it, and padded positions are not scored.
+        """
+        sequences = [self._ids(text + "<|im_end|>") for text in candidates]
+        width = max(len(ids) for ids in sequences)
+        batch = torch.zeros(len(sequences), width, dtype=torch.long)
+        for row, ids in enumerate(sequences):
+            batch[row, : len(ids)] = ids
+        past = [t.expand(len(sequences), *t.shape[1:]) for t in cache]
+        step_logits = self.lm.decode(batch[:, :-1], *past)[0] if width > 1 else None
+        first = torch.log_softmax(logits[0, -1].float(), -1)
+        scores = []
+        for row, ids in enumerate(sequences):
+            score = float(first[ids[0]])
+            if len(ids) > 1:
+                rest = torch.log_softmax(step_logits[row, : len(ids) - 1].float(), -1)
+                score += float(rest.gather(1, ids[1:, None]).sum())
+            scores.append(score)
+        return candidates[int(np.argmax(scores))]
 
     # -- training --------------------------------------------------------------------------------
     def training_loss(self, features: torch.Tensor, question: str, answers: list[tuple[str, str]]) -> torch.Tensor:

@@ -107,3 +107,20 @@ def test_cli_errors_are_one_line(edgekit_cli, tmp_path) -> None:
         result = edgekit_cli(*args)
         assert result.returncode == 2, result.stderr
         assert result.stderr.strip().startswith("error:") and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_choice_is_the_most_likely_candidate(small_vlm) -> None:
+    item = scenes.scene("eval", 2)
+    answer = small_vlm.answer(item.image, item.question, "hired", 0.2, 1, candidates=scenes.NAMES)
+    # reference: one fresh full forward per candidate over prompt + candidate tokens (no KV cache)
+    visual, _ = small_vlm.reduce(small_vlm.encode(item.image), "hired", 0.2)
+    with torch.no_grad():
+        embeds, length = small_vlm.prompt_embeds(visual, item.question)
+        scores = []
+        for name in scenes.NAMES:
+            ids = small_vlm._ids(name + "<|im_end|>")
+            hidden = torch.cat([embeds, small_vlm.lm.embed_tokens(ids[:-1])[None]], dim=1)
+            logits = small_vlm.lm.hf_model(inputs_embeds=hidden).logits[0, length - 1 :]
+            scores.append(float(torch.log_softmax(logits, -1).gather(1, ids[:, None]).sum()))
+    assert answer.choice == scenes.NAMES[int(np.argmax(scores))]
+    assert sorted(scores)[-1] - sorted(scores)[-2] > 1e-4  # not decided by rounding
