@@ -214,12 +214,19 @@ def run_bundle(
     budget_ms: Annotated[
         float | None, typer.Option("--budget-ms", help="sorted bundles: deepest depth within this decode ms/token")
     ] = None,
+    image: Annotated[
+        str | None, typer.Option("--image", help="zoo:vlm-dinov2-smollm2: an image file, photo:NAME or scene:N")
+    ] = None,
+    keep: Annotated[float, typer.Option("--keep", help="VLM: share of visual tokens HiRED keeps (1 = all)")] = 0.2,
 ) -> None:
-    """Run a bundle in the edge runtime on an .npz input or a prompt."""
+    """Run a bundle in the edge runtime on an .npz input or a prompt; or ask the zoo VLM about an image."""
     import numpy as np
 
     from edgekit import runtime
 
+    if image is not None:
+        _run_vlm(str(bundle), image, prompt, keep, max_new_tokens)
+        return
     session = runtime.load(bundle, fmt)
     if prompt is not None:
         tokenizer = session.tokenizer
@@ -261,6 +268,25 @@ def run_bundle(
                 console.print("  top-5: " + ", ".join(f"{labels[i]} ({row[i]:.2f})" for i in top), markup=False)
         else:
             console.print(np.array2string(value.reshape(-1)[:16], precision=4), markup=False)
+
+
+def _run_vlm(spec: str, image: str, prompt: str | None, keep: float, max_new_tokens: int) -> None:
+    """``edgekit run zoo:vlm-dinov2-smollm2 --image ... --prompt ...`` (torch, HiRED at ``keep``)."""
+    if spec != "zoo:vlm-dinov2-smollm2":
+        raise EdgekitError("--image needs the model zoo:vlm-dinov2-smollm2")
+    if not prompt:
+        raise EdgekitError("--image needs a question: --prompt 'What is in the top-left?'")
+    if not 0.0 < keep <= 1.0:
+        raise EdgekitError(f"--keep must be in (0, 1], got {keep:g}")
+    from edgekit.vlm.model import load_image, load_model
+
+    picture = load_image(image)
+    answer = load_model().answer(picture, prompt, "hired", keep, max_new_tokens)
+    console.print(answer.text, highlight=False, markup=False)
+    console.print(
+        f"[dim]HiRED r={keep:g}: {answer.visual_tokens} of 320 visual tokens, {answer.prompt_tokens}-token prompt, "
+        f"first token {answer.ttft_s * 1e3:.0f} ms[/]"
+    )
 
 
 def _number(value: float | None) -> str:

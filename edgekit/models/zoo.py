@@ -74,6 +74,13 @@ ZOO: dict[str, ZooEntry] = {
             "CEMA cloud foundation model: VGG-style CNN trained here with augmentation, cached",
             "edgekit.models.fmnist_cema:load_foundation",
         ),
+        ZooEntry(
+            "vlm-dinov2-smollm2",
+            "vision-language",
+            "fashion-mnist",
+            "DINOv2-S/14 (AnyRes: full + 2x2) -> projector trained here (cached) -> SmolLM2-135M; HiRED-ready",
+            "edgekit.vlm.model:load",
+        ),
     ]
 }
 
