@@ -66,6 +66,7 @@ def bench_model(name: str, work: Path, eval_samples: int, recipes: list[str]) ->
                 "bytes": entry["bytes"],
                 "quality": entry["quality"],
                 "sqnr_vs_float_db": entry["verification"]["runtime_vs_float"]["sqnr_db"],
+                "simulated_sqnr_vs_float_db": entry["verification"]["simulated_vs_float"]["sqnr_db"],
                 "sqnr_vs_simulated_db": check["sqnr_db"],
                 "top1_agreement_vs_simulated": check.get("top1_agreement"),
             }

@@ -254,7 +254,10 @@ def _export_single(
         say(f"quantizing to QDQ (w{spec.weight_bits}/a{spec.activation_bits}) on {len(calib)} samples")
         source = tmp / "qdq" / "model.onnx"
         anchors = bundle.meta.get("range_anchors", ())
-        quantization, q_notes = quantize_qdq(fp32, source, spec, calib[: spec.samples], tmp / "work", anchors=anchors)
+        op_types = bundle.meta.get("onnx_op_types")  # ptq's gemm-inputs scope
+        quantization, q_notes = quantize_qdq(
+            fp32, source, spec, calib[: spec.samples], tmp / "work", op_types=op_types, anchors=anchors
+        )
         notes += q_notes
     target = final / "model.onnx"
     model = onnx.load(str(source), load_external_data=True)
