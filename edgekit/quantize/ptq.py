@@ -69,7 +69,7 @@ class Config:
     that minimises the L2 quantization error; XNNPACK's own default, slower to calibrate).
     ``activations``: "all" (every activation XNNPACK can run in int8: conv nets), "gemm-inputs"
     (only the inputs of linear layers and matmuls; norms, residual adds, softmax and every output
-    stay float: transformers) or "auto" (gemm-inputs when the graph has a LayerNorm).
+    stay float: transformers) or "auto" (gemm-inputs when the graph has a norm or a softmax).
     """
 
     samples: int = 64
@@ -137,7 +137,7 @@ _MATMULS = (torch.ops.aten.matmul.default, torch.ops.aten.bmm.default)
 
 
 def resolve_scope(scope: str, program: torch.fx.GraphModule) -> str:
-    """``auto`` -> "gemm-inputs" for graphs with a LayerNorm (transformers), else "all".
+    """``auto`` -> "gemm-inputs" for graphs with a LayerNorm or a softmax (transformers), else "all".
 
     Why: a transformer's residual stream is normalised per token, and a few channels carry
     outliers ~100x the rest (MiniLM: residual range ~230, ordinary tokens std ~1). One per-tensor
@@ -147,8 +147,14 @@ def resolve_scope(scope: str, program: torch.fx.GraphModule) -> str:
     """
     if scope != "auto":
         return scope
-    norms = (torch.ops.aten.layer_norm.default, torch.ops.aten.native_layer_norm.default)
-    return "gemm-inputs" if any(node.target in norms for node in program.graph.nodes) else "all"
+    transformer_ops = (
+        torch.ops.aten.layer_norm.default,
+        torch.ops.aten.native_layer_norm.default,
+        torch.ops.aten.rms_norm.default,
+        torch.ops.aten.softmax.int,
+        torch.ops.aten._softmax.default,
+    )
+    return "gemm-inputs" if any(node.target in transformer_ops for node in program.graph.nodes) else "all"
 
 
 def annotate_gemm_inputs(model: torch.fx.GraphModule, config: Any) -> int:
