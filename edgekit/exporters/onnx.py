@@ -254,7 +254,17 @@ def _export_single(
         say(f"quantizing to QDQ (w{spec.weight_bits}/a{spec.activation_bits}) on {len(calib)} samples")
         source = tmp / "qdq" / "model.onnx"
         anchors = bundle.meta.get("range_anchors", ())
-        quantization, q_notes = quantize_qdq(fp32, source, spec, calib[: spec.samples], tmp / "work", anchors=anchors)
+        op_types = bundle.meta.get("onnx_op_types")  # ptq's gemm-inputs scope
+        quantization, q_notes = quantize_qdq(
+            fp32,
+            source,
+            spec,
+            calib[: spec.samples],
+            tmp / "work",
+            op_types=op_types,
+            anchors=anchors,
+            edges_only=op_types is not None,
+        )
         notes += q_notes
     target = final / "model.onnx"
     model = onnx.load(str(source), load_external_data=True)
@@ -598,6 +608,7 @@ def quantize_qdq(
     overrides: dict[str, TensorOverride] | None = None,
     op_types: Sequence[str] | None = None,
     anchors: Sequence[Any] = (),
+    edges_only: bool = False,
 ) -> tuple[dict[str, Any], list[str]]:
     """``quant_pre_process`` + one calibration pass + ``quantize_static(QDQ)`` per ``spec``.
 
@@ -606,8 +617,10 @@ def quantize_qdq(
     graph gets the prefill's overrides translated to module paths). ``op_types`` limits
     quantization to those op types (default: every op, full-integer). ``anchors`` are ranges a
     torch-side calibration already chose (``ptq``'s pt2e program), located here by value (see
-    :mod:`edgekit.exporters.onnx_anchors`) and written as fixed overrides. Returns a summary for
-    the manifest and notes worth reporting.
+    :mod:`edgekit.exporters.onnx_anchors`) and written as fixed overrides. ``edges_only``: an
+    activation is quantized only on its way into the quantized op types; its other consumers read
+    it in float (see :func:`float_for_other_consumers`). Returns a summary for the manifest and
+    notes worth reporting.
     """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
     from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
@@ -709,6 +722,9 @@ def quantize_qdq(
             calibration_cache_path=str(cache),
         )
     _restore_metadata(out_path, exported)
+    if edges_only:
+        rewired = float_for_other_consumers(out_path, op_types)
+        notes.append(f"{rewired} float consumers of quantized activations read them unquantized")
     summary = {
         "weight_bits": spec.weight_bits,
         "weight_per_channel": spec.weight_per_channel,
@@ -724,6 +740,41 @@ def quantize_qdq(
         "shape_only_nodes": len(excluded),
     }
     return summary, notes
+
+
+def float_for_other_consumers(path: Path, op_types: Sequence[str]) -> int:
+    """Let nodes outside ``op_types`` read an activation's float value, not its DequantizeLinear.
+
+    onnxruntime's QDQ quantizer routes every consumer of a quantized tensor through its Q/DQ pair;
+    pt2e quantizes per edge. In a post-LN transformer the LayerNorm output feeds the next linear
+    layer (quantized) *and* the residual add (float): through the pair, the residual stream would
+    be rounded to the linear input's int8 grid. Returns how many node inputs were rewired.
+    """
+    model = onnx.load(str(path), load_external_data=False)
+    weights = {init.name for init in model.graph.initializer}
+    producers = {out: node for node in model.graph.node for out in node.output}
+    float_of: dict[str, str] = {}
+    for node in model.graph.node:
+        if node.op_type != "DequantizeLinear":
+            continue
+        quantize = producers.get(node.input[0])
+        if quantize is not None and quantize.op_type == "QuantizeLinear" and quantize.input[0] not in weights:
+            float_of[node.output[0]] = quantize.input[0]
+    keep = set(op_types) | {"QuantizeLinear", "DequantizeLinear"}
+    rewired = 0
+    for node in model.graph.node:
+        if node.op_type in keep:
+            continue
+        for index, name in enumerate(node.input):
+            if name in float_of:
+                node.input[index] = float_of[name]
+                rewired += 1
+    outputs = {output.name for output in model.graph.output}
+    if outputs & set(float_of):
+        raise EdgekitError("a graph output is a dequantized activation; cannot keep it float")
+    if rewired:
+        onnx.save_model(model, str(path))
+    return rewired
 
 
 def _restore_metadata(path: Path, exported: onnx.ModelProto) -> None:

@@ -45,6 +45,49 @@ def compare(reference: np.ndarray, candidate: np.ndarray, task: str) -> dict[str
     return result
 
 
+def judge(result: dict[str, Any], tolerance: Any) -> list[str]:
+    """Why a verification ``result`` (see ``pipeline.verify``) fails ``tolerance``; empty when it passes.
+
+    ``tolerance`` is a recipe's ``[verify]`` table (``min_sqnr_db``, ``min_top1_agreement``,
+    ``float_gap_db``, ``max_top1_drop``). Two criteria:
+
+    - ``float_gap_db`` unset (fp32, SNN, sorted): the runtime must reproduce the simulated model,
+      SQNR(runtime, simulated) >= ``min_sqnr_db`` and top-1 agreement >= ``min_top1_agreement``.
+    - ``float_gap_db`` set (integer recipes): onnxruntime's QNN tests' criterion. The runtime may
+      break rounding ties differently from the simulation (a one-step difference early in a deep
+      int8 net grows like quantization noise), so it must be *no further from float than the
+      simulated model is*, within the margin: SQNR(runtime, float) >= SQNR(simulated, float) -
+      ``float_gap_db``, and its top-1 agreement with float at most ``max_top1_drop`` below the
+      simulated model's. ``min_sqnr_db`` stays as a floor on SQNR(runtime, simulated), so a file
+      that computes something else entirely (wrong scale, wrong layout) still fails.
+    """
+    failures: list[str] = []
+    check = result["runtime_vs_simulated"]
+    if not check["finite"]:
+        return ["the runtime output is not finite"]
+    if check["sqnr_db"] < tolerance.min_sqnr_db:
+        failures.append(f"SQNR {check['sqnr_db']:.1f} dB < {tolerance.min_sqnr_db} dB against the simulated model")
+    gap = getattr(tolerance, "float_gap_db", None)
+    if gap is None:
+        agreement = check.get("top1_agreement")
+        if agreement is not None and agreement < tolerance.min_top1_agreement:
+            failures.append(f"top-1 agreement {agreement:.3f} < {tolerance.min_top1_agreement} with simulated")
+        return failures
+    runtime, simulated = result["runtime_vs_float"], result["simulated_vs_float"]
+    if runtime["sqnr_db"] < simulated["sqnr_db"] - gap:
+        failures.append(
+            f"{runtime['sqnr_db']:.1f} dB from float, the simulated model {simulated['sqnr_db']:.1f} dB "
+            f"(allowed gap {gap} dB)"
+        )
+    drop = getattr(tolerance, "max_top1_drop", 0.0)
+    if runtime.get("top1_agreement") is not None and runtime["top1_agreement"] < simulated["top1_agreement"] - drop:
+        failures.append(
+            f"top-1 agreement with float {runtime['top1_agreement']:.3f}, the simulated model's "
+            f"{simulated['top1_agreement']:.3f} (allowed drop {drop})"
+        )
+    return failures
+
+
 def onnx_session(path: Path | str, *, threads: int | None = None):
     """An onnxruntime InferenceSession on ``path``; a missing or corrupt file is an EdgekitError."""
     path = Path(path)

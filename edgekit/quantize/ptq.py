@@ -29,6 +29,11 @@ from edgekit.models.bundle import ModelBundle
 from edgekit.quantize.spec import QuantSpec
 
 CALIBRATIONS = ("minmax", "histogram")
+# which activations are quantized: every one XNNPACK runs in int8, only the inputs of
+# matrix multiplications, or chosen from the graph (see resolve_scope)
+SCOPES = ("auto", "all", "gemm-inputs")
+# ONNX op types quantized under the gemm-inputs scope (their activation and weight inputs)
+GEMM_OP_TYPES = ("MatMul", "Gemm")
 # values of an activation kept to recognise it in another graph (evenly spaced flat positions)
 ANCHOR_POINTS = 512
 
@@ -62,6 +67,9 @@ class Config:
 
     ``calibration``: "minmax" (observed range) or "histogram" (torch's HistogramObserver, the range
     that minimises the L2 quantization error; XNNPACK's own default, slower to calibrate).
+    ``activations``: "all" (every activation XNNPACK can run in int8: conv nets), "gemm-inputs"
+    (only the inputs of linear layers and matmuls; norms, residual adds, softmax and every output
+    stay float: transformers) or "auto" (gemm-inputs when the graph has a norm or a softmax).
     """
 
     samples: int = 64
@@ -69,6 +77,7 @@ class Config:
     per_channel: bool = True
     activation_bits: int = 8
     calibration: str = "minmax"
+    activations: str = "auto"
 
 
 def spec_from_config(config: Config) -> QuantSpec:
@@ -80,6 +89,8 @@ def spec_from_config(config: Config) -> QuantSpec:
         )
     if config.calibration not in CALIBRATIONS:
         raise EdgekitError(f"ptq calibration must be one of {', '.join(CALIBRATIONS)}, got '{config.calibration}'")
+    if config.activations not in SCOPES:
+        raise EdgekitError(f"ptq activations must be one of {', '.join(SCOPES)}, got '{config.activations}'")
     if config.samples < 1:
         raise EdgekitError(f"ptq needs at least one calibration sample, got samples={config.samples}")
     return QuantSpec(
@@ -92,8 +103,12 @@ def spec_from_config(config: Config) -> QuantSpec:
     )
 
 
-def xnnpack_quantizer(spec: QuantSpec) -> Any:
-    """ExecuTorch's XNNPACKQuantizer configured from ``spec`` (observer chosen by spec.calibration)."""
+def xnnpack_quantizer(spec: QuantSpec, scope: str = "all") -> Any:
+    """ExecuTorch's XNNPACKQuantizer configured from ``spec`` (observer chosen by spec.calibration).
+
+    ``scope`` "gemm-inputs" annotates only the activation and weight inputs of linear layers and
+    matmuls (see :func:`annotate_gemm_inputs`).
+    """
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
         XNNPACKQuantizer,
         get_symmetric_quantization_config,
@@ -109,10 +124,84 @@ def xnnpack_quantizer(spec: QuantSpec) -> Any:
 
     class Quantizer(XNNPACKQuantizer):
         def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+            if scope == "gemm-inputs":
+                annotate_gemm_inputs(model, config)
+                return model
             annotate_clamped_gemms(model, config)
             return super().annotate(model)
 
     return Quantizer().set_global(config)
+
+
+_MATMULS = (torch.ops.aten.matmul.default, torch.ops.aten.bmm.default)
+
+
+def resolve_scope(scope: str, program: torch.fx.GraphModule) -> str:
+    """``auto`` -> "gemm-inputs" for graphs with a LayerNorm or a softmax (transformers), else "all".
+
+    Why: a transformer's residual stream is normalised per token, and a few channels carry
+    outliers ~100x the rest (MiniLM: residual range ~230, ordinary tokens std ~1). One per-tensor
+    int8 range for it, or for the linear outputs that write it, has a step of ~0.9: one rounding
+    step is a whole standard deviation after the LayerNorm. MiniLM fully int8 is 5.8 dB from float;
+    with only the matmul inputs int8 (the weights per channel) it is 20.4 dB.
+    """
+    if scope != "auto":
+        return scope
+    transformer_ops = (
+        torch.ops.aten.layer_norm.default,
+        torch.ops.aten.native_layer_norm.default,
+        torch.ops.aten.rms_norm.default,
+        torch.ops.aten.softmax.int,
+        torch.ops.aten._softmax.default,
+    )
+    return "gemm-inputs" if any(node.target in transformer_ops for node in program.graph.nodes) else "all"
+
+
+def annotate_gemm_inputs(model: torch.fx.GraphModule, config: Any) -> int:
+    """Annotate only the inputs of linear layers (activation int8 per tensor, weight int8 per
+    channel) and of matmuls (both activations): every output, norm, softmax and residual add
+    stays float. Returns how many ops were annotated."""
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer_utils import get_input_act_qspec, get_weight_qspec
+    from torchao.quantization.pt2e.quantizer import QuantizationAnnotation
+    from torchao.quantization.pt2e.quantizer.quantizer import Q_ANNOTATION_KEY
+
+    annotated = 0
+    for node in model.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target == torch.ops.aten.linear.default:
+            inputs = {node.args[0]: get_input_act_qspec(config), node.args[1]: get_weight_qspec(config)}
+        elif node.target in _MATMULS:
+            inputs = {node.args[0]: get_input_act_qspec(config), node.args[1]: get_input_act_qspec(config)}
+        else:
+            continue
+        node.meta[Q_ANNOTATION_KEY] = QuantizationAnnotation(input_qspec_map=inputs, _annotated=True)
+        annotated += 1
+    return annotated
+
+
+def dynamic_program(module: torch.nn.Module, example_inputs: Mapping[str, torch.Tensor]) -> torch.fx.GraphModule:
+    """The program the .pte lowers under the gemm-inputs scope: XNNPACK's dynamic int8 linear
+    (each row's activation range measured at run time, weights int8 per channel, output float).
+
+    XNNPACK runs a static int8 linear only with an int8 output; the gemm-inputs scope keeps
+    outputs float, and that is what XNNPACK's dynamic kernels do (the scheme ExecuTorch uses for
+    transformers). Matmuls between two activations stay float there.
+    """
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+        XNNPACKQuantizer,
+        get_symmetric_quantization_config,
+    )
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    config = get_symmetric_quantization_config(is_per_channel=True, is_dynamic=True)
+    example = {name: tensor.contiguous() for name, tensor in example_inputs.items()}
+    with torch.no_grad():
+        graph_module = torch.export.export(module, (), example, strict=False).module()
+        strip_noop_conversions(graph_module)
+        prepared = prepare_pt2e(graph_module, XNNPACKQuantizer().set_global(config))
+        prepared(**example)
+        return convert_pt2e(prepared)
 
 
 _HARDTANH = (torch.ops.aten.hardtanh.default, torch.ops.aten.hardtanh_.default)
@@ -232,15 +321,16 @@ def quantize_program(
     *,
     dynamic_axes: Mapping[str, Mapping[int, str]] | None = None,
     xnnpack_rewrites: bool = True,
+    activations: str = "all",
 ) -> torch.fx.GraphModule:
     """Export, annotate for XNNPACK, calibrate on ``samples`` and convert: the pt2e int8 program.
 
     Shapes are the example inputs', except the ``dynamic_axes`` along which calibration samples
     differ (see :func:`dynamic_calibration_axes`); the .pte is re-exported at the example shape.
     ``xnnpack_rewrites`` applies the exact graph rewrites below that XNNPACK needs (off only to
-    test that they are exact).
+    test that they are exact). ``activations`` is a :data:`SCOPES` entry (see :class:`Config`).
     """
-    return _quantize(module, example_inputs, samples, spec, dynamic_axes or {}, xnnpack_rewrites)[0]
+    return _quantize(module, example_inputs, samples, spec, dynamic_axes or {}, xnnpack_rewrites, activations)[0]
 
 
 def _quantize(
@@ -250,8 +340,10 @@ def _quantize(
     spec: QuantSpec,
     dynamic_axes: Mapping[str, Mapping[int, str]],
     xnnpack_rewrites: bool = True,
-) -> tuple[torch.fx.GraphModule, list[RangeAnchor]]:
-    """:func:`quantize_program`, plus the anchors of its activation ranges (first sample)."""
+    activations: str = "all",
+) -> tuple[torch.fx.GraphModule, list[RangeAnchor], str]:
+    """:func:`quantize_program`, plus the anchors of its activation ranges (first sample) and the
+    resolved activation scope."""
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     if not samples:
@@ -267,7 +359,8 @@ def _quantize(
         if xnnpack_rewrites:
             strip_noop_conversions(graph_module)
             relu6_as_hardtanh(graph_module)
-        prepared = prepare_pt2e(graph_module, xnnpack_quantizer(spec))
+        scope = resolve_scope(activations, graph_module)
+        prepared = prepare_pt2e(graph_module, xnnpack_quantizer(spec, scope))
         with _recording_activations(prepared) as recorded:
             prepared(**batches[0])
         for batch in batches[1:]:
@@ -277,7 +370,7 @@ def _quantize(
     if xnnpack_rewrites:
         collapse_identity_requantize(converted)
         requantize_before_copies(converted)
-    return converted, anchors
+    return converted, anchors, scope
 
 
 @contextlib.contextmanager
@@ -487,15 +580,24 @@ def apply(bundle: ModelBundle, data: Sequence[Mapping[str, Any]], config: Config
     ``data`` holds calibration input dicts named like ``bundle.example_inputs``; the first
     ``config.samples`` are used. ``meta["pt2e_program"]`` is the same converted program, kept
     for the ExecuTorch exporter so that it lowers these scales instead of recalibrating;
-    ``meta["range_anchors"]`` carries the same scales to the ONNX exporter.
+    ``meta["range_anchors"]`` carries the same scales to the ONNX exporter. Under the
+    gemm-inputs scope the ONNX file quantizes only ``meta["onnx_op_types"]`` (the simulated
+    model's arithmetic exactly) and the .pte lowers :func:`dynamic_program` instead, which
+    verification holds to the float-gap criterion against the same simulated model.
     """
     spec = spec_from_config(config)
     samples = list(data)[: config.samples]
-    program, anchors = _quantize(bundle.module, bundle.example_inputs, samples, spec, bundle.dynamic_axes)
+    program, anchors, scope = _quantize(
+        bundle.module, bundle.example_inputs, samples, spec, bundle.dynamic_axes, activations=config.activations
+    )
     meta = dict(bundle.meta)
     meta["pt2e_program"] = program
     meta["range_anchors"] = anchors
+    if scope == "gemm-inputs":
+        meta["pt2e_program"] = dynamic_program(bundle.module, bundle.example_inputs)
+        meta["onnx_op_types"] = list(GEMM_OP_TYPES)
     meta["ptq"] = {
+        "activations": scope,
         "samples_used": len(samples),
         "quantized_ops": _count_quantized_ops(program),
         "input_shapes": {name: list(t.shape) for name, t in bundle.example_inputs.items()},

@@ -172,3 +172,113 @@ def test_calibration_longer_than_the_example_traces_a_dynamic_sequence() -> None
     anchors = quantized.meta["range_anchors"]
     assert {anchor.shape for anchor in anchors if anchor.is_weight} == {(16, 16), (4, 16)}
     assert any(not anchor.is_weight and anchor.shape == (1, 12, 16) for anchor in anchors)  # first sample's length
+
+
+class _TinyBert(nn.Module):
+    """BERT-like: embeddings, post-LN blocks with an additive padding mask, mean pooling.
+
+    Each block's FFN output writes an outlier channel (~40x the others) that the next norm
+    scales back down, as BERT's residual stream carries a few: the reason ``auto`` keeps
+    transformers' residual stream float.
+    """
+
+    def __init__(self, dim: int = 32, vocab: int = 64, blocks: int = 2) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.dim = dim
+        self.blocks = nn.ModuleList()
+        for _ in range(blocks):
+            block = nn.ModuleDict(
+                {
+                    "qkv": nn.Linear(dim, 3 * dim),
+                    "out": nn.Linear(dim, dim),
+                    "norm1": nn.LayerNorm(dim),
+                    "up": nn.Linear(dim, 2 * dim),
+                    "down": nn.Linear(2 * dim, dim),
+                    "norm2": nn.LayerNorm(dim),
+                }
+            )
+            with torch.no_grad():  # the outlier, and the norm that scales it back down (BERT's small gamma)
+                block["down"].bias[0] = 40.0
+                block["norm2"].weight[0] = 0.02
+            self.blocks.append(block)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        keep = attention_mask.to(torch.float32)
+        mask = ((1.0 - keep) * -1.0e4)[:, None, :]
+        x = self.embed(input_ids)
+        for block in self.blocks:
+            q, k, v = block["qkv"](x).split(self.dim, dim=-1)
+            scores = torch.matmul(q, k.transpose(1, 2)) * self.dim**-0.5 + mask
+            x = block["norm1"](x + block["out"](torch.matmul(torch.softmax(scores, dim=-1), v)))
+            x = block["norm2"](x + block["down"](nn.functional.gelu(block["up"](x))))
+        return (x * keep[..., None]).sum(dim=1) / keep.sum(dim=1, keepdim=True)
+
+
+def _bert_bundle() -> ModelBundle:
+    torch.manual_seed(0)
+    return ModelBundle(
+        spec="tiny:bert",
+        module=_TinyBert().eval(),
+        example_inputs={
+            "input_ids": torch.randint(0, 64, (1, 8)),
+            "attention_mask": torch.ones(1, 8, dtype=torch.long),
+        },
+        task="text-encoder",
+        dynamic_axes={"input_ids": {1: "sequence"}, "attention_mask": {1: "sequence"}},
+    )
+
+
+def _bert_data(count: int, seed: int) -> list[dict[str, np.ndarray]]:
+    """Token windows of 12 with the last few padded out (the mask path is exercised)."""
+    rng = np.random.default_rng(seed)
+    data = []
+    for index in range(count):
+        mask = np.ones((1, 12), np.int64)
+        mask[0, 12 - index % 4 :] = 0
+        data.append({"input_ids": rng.integers(0, 64, (1, 12)), "attention_mask": mask})
+    return data
+
+
+def test_transformers_keep_their_residual_stream_float() -> None:
+    bundle = _bert_bundle()
+    calib, probe = _bert_data(8, 0), _bert_data(4, 1)
+    auto = ptq.apply(bundle, calib, ptq.Config(samples=8))
+    full = ptq.apply(bundle, calib, ptq.Config(samples=8, activations="all"))
+    assert auto.meta["ptq"]["activations"] == "gemm-inputs" and full.meta["ptq"]["activations"] == "all"
+    assert auto.meta["onnx_op_types"] == ["MatMul", "Gemm"] and "onnx_op_types" not in full.meta
+    # every int8 activation feeds a linear layer or a matmul: norms, adds, softmax, mask stay float
+    dequantize = torch.ops.quantized_decomposed.dequantize_per_tensor.default
+    gemms = {"aten.linear.default", "aten.matmul.default", "aten.bmm.default"}
+    copies = {"aten.view.default", "aten.transpose.int", "aten.permute.default", "aten.reshape.default"}
+    for node in auto.simulated.graph.nodes:
+        if node.target == dequantize:
+            users = {str(user.target) for user in node.users}
+            assert users <= gemms | copies, users
+    assert set(auto.meta["ptq"]["quantized_ops"]) == {"aten.linear", "aten.matmul"}
+    reference = _outputs(bundle.module, probe)
+    kept, quantized_all = _outputs(auto.simulated, probe), _outputs(full.simulated, probe)
+    assert np.abs(reference - kept).max() > 1e-4  # still really quantized
+    assert sqnr_db(reference, kept) > sqnr_db(reference, quantized_all) + 10.0
+    # the .pte lowers XNNPACK's dynamic int8 linear (outputs float), not the static program
+    program = auto.meta["pt2e_program"]
+    assert program is not auto.simulated
+    assert any("choose_qparams" in str(node.target) for node in program.graph.nodes)
+
+
+def test_transformer_onnx_file_computes_the_simulated_model(tmp_path) -> None:
+    """Under gemm-inputs the QDQ file quantizes only MatMul inputs, per edge as pt2e does: the
+    residual add reads the LayerNorm output in float, not through the next linear's Q/DQ pair
+    (through it: 47.6 dB from the simulated model; per edge: equal to float precision)."""
+    from edgekit.exporters.onnx import export_onnx
+    from edgekit.exporters.verify import onnx_session
+
+    bundle = _bert_bundle()
+    calib, probe = _bert_data(8, 0), _bert_data(4, 1)
+    quantized = ptq.apply(bundle, calib, ptq.Config(samples=8))
+    export = export_onnx(quantized, tmp_path, calib)
+    assert export.quantization["quantized_op_types"] == ["MatMul"]
+    assert export.quantization["ranges_from_pt2e"] == 16  # every pt2e quantization point located
+    session = onnx_session(export.main.path)
+    runtime = np.concatenate([session.run(None, sample)[0] for sample in probe])
+    assert sqnr_db(_outputs(quantized.simulated, probe), runtime) > 80.0

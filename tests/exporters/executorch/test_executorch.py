@@ -122,7 +122,7 @@ def test_int8_export_without_ptq_program_calibrates_from_the_spec(mlp_bundle, sa
 def test_int8_decoder_block_loads_runs_and_matches(decoder_bundle: ModelBundle, samples, tmp_path) -> None:
     """RoPE slices feeding a cat and RMSNorm's no-op casts once made XNNPACK reject the program
     ('Failed to create static slice node') or abort when freeing it (double free)."""
-    quantized = ptq.apply(decoder_bundle, samples(decoder_bundle, 8, seed=5), ptq.Config())
+    quantized = ptq.apply(decoder_bundle, samples(decoder_bundle, 8, seed=5), ptq.Config(activations="all"))
     export = export_pte(quantized, tmp_path)
     program = PteProgram(export.path, ["input_ids"])
     sample = samples(decoder_bundle, 1, seed=6)[0]
@@ -132,3 +132,19 @@ def test_int8_decoder_block_loads_runs_and_matches(decoder_bundle: ModelBundle, 
     assert sqnr_db(reference, out) >= 35.0 and top1_agreement(out, reference) == 1.0
     assert all(op.integer for op in _ops(export, "aten.linear"))
     del program  # freeing the program must not abort the process
+
+
+def test_transformer_pte_runs_dynamic_int8_linears(decoder_bundle: ModelBundle, samples, tmp_path) -> None:
+    """Under ptq's gemm-inputs scope (auto for transformers) the .pte lowers XNNPACK's dynamic int8
+    linear; it must be no further from float than the static simulated model (float-gap criterion)."""
+    quantized = ptq.apply(decoder_bundle, samples(decoder_bundle, 8, seed=5), ptq.Config())
+    assert quantized.meta["ptq"]["activations"] == "gemm-inputs"
+    export = export_pte(quantized, tmp_path)
+    assert export.delegation.undelegated.get("aten.linear.default", 0) == 0
+    program = PteProgram(export.path, ["input_ids"])
+    sample = samples(decoder_bundle, 1, seed=6)[0]
+    (out,) = program.run(sample)
+    reference, simulated = _torch(decoder_bundle.module, sample), _torch(quantized.simulated, sample)
+    assert np.abs(out - reference).max() > 0  # quantized, not float
+    assert sqnr_db(reference, out) >= sqnr_db(reference, simulated) - 3.0
+    del program
