@@ -23,11 +23,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import torch
 
 from edgekit import recipes
 from edgekit.models import load as load_model
+from edgekit.runtime.backends import open_onnx_session
 from edgekit.snn.energy import count_ops
 from edgekit.snn.network import UnrolledSNN, named_input
 from edgekit.snn.recipe import train_snn
@@ -91,10 +91,7 @@ def export_onnx(module: torch.nn.Module, x: torch.Tensor, path: Path, names: lis
 
 def interleaved_latency(paths: dict[str, Path], x: np.ndarray, rounds: int = 15, repeats: int = 20) -> dict:
     """Median ms per inference (batch 1), models measured in turn so load changes hit all alike."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    providers = ["CPUExecutionProvider"]
-    sessions = {name: ort.InferenceSession(str(p), options, providers=providers) for name, p in paths.items()}
+    sessions = {name: open_onnx_session(p, threads=1) for name, p in paths.items()}
     samples: dict[str, list[float]] = {name: [] for name in sessions}
     for session in sessions.values():
         for _ in range(5):
@@ -162,9 +159,7 @@ def main() -> int:
         spiking = named_input(UnrolledSNN(trained["nets"][final_t], return_spikes=True), "x").eval()
         spikes_path = export_onnx(spiking, one, work / "spikes.onnx", None)
         check_x = eval_x[:256]
-        runtime = ort.InferenceSession(str(spikes_path), providers=["CPUExecutionProvider"]).run(
-            None, {"x": check_x.numpy()}
-        )
+        runtime = open_onnx_session(spikes_path).run(None, {"x": check_x.numpy()})
         with torch.no_grad():
             reference = spiking(x=check_x)
         same = sum(int((a == b.numpy()).sum()) for a, b in zip(runtime[1:], reference[1:], strict=True))
