@@ -46,7 +46,7 @@ class Config:
     ladder: list[int] = field(default_factory=lambda: [5, 3, 1])
     # per ladder stage, one value or one per stage; fractions train on part of an epoch. The budget
     # goes mostly to the last stage, which is cheap (T=1) and the one that is exported.
-    epochs: list[float] = field(default_factory=lambda: [1.0, 1.0, 8.0])
+    epochs: list[float] = field(default_factory=lambda: [1.0, 1.0, 16.0])
     lr: float = 1e-3
     batch: int = 64
     dropout: float = 0.2
