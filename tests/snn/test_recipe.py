@@ -8,6 +8,7 @@ from snn_tiny import TinyVGG
 
 from edgekit import recipes
 from edgekit.errors import EdgekitError
+from edgekit.exporters.report import snn_section
 from edgekit.models import fmnist
 from edgekit.models.bundle import ModelBundle
 from edgekit.snn import recipe as snn_recipe
@@ -39,7 +40,7 @@ def test_zoo_vgg_architecture_converts() -> None:
     assert kinds.count("LIF") == 6 and kinds[-1] == "Linear" and "AvgPool2d" in kinds
 
 
-def test_apply_returns_spiking_bundle(tiny_ann) -> None:
+def test_apply_returns_spiking_bundle(tiny_ann, tmp_path) -> None:
     config = snn_recipe.Config(
         ladder=[2, 1], epochs=[0.25], train_samples=256, eval_samples=64, energy_samples=16, cache=False
     )
@@ -55,6 +56,11 @@ def test_apply_returns_spiking_bundle(tiny_ann) -> None:
     assert set(report["stage_accuracy"]) == {"2", "1"} and set(report["conversion_accuracy"]) == {"2", "1"}
     assert report["ops"]["energy_ratio"] > 1 and len(report["ops"]["spike_rates"]) == 3
     assert out.module is not bundle.module
+    # the bundle report's spiking section: one row per counted layer, the energy ratio, the plot
+    lines = snn_section(tmp_path, report)
+    table = [row for line in lines for row in line.splitlines() if row.startswith("| ")]
+    assert len(table) == 1 + len(report["ops"]["layers"])
+    assert any("x lower" in line for line in lines) and (tmp_path / "snn.png").stat().st_size > 0
 
 
 def test_refusals() -> None:
