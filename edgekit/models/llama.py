@@ -152,15 +152,21 @@ class CausalLMWithCache(nn.Module):
     # -- the graphs ------------------------------------------------------------------------
     def prefill(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Logits for every position plus the per-layer keys/values of the whole prompt."""
-        length = input_ids.shape[1]
-        hidden = self.embed_tokens(input_ids)
+        hidden, cache = self.prefill_hidden(self.embed_tokens(input_ids))
+        return (self._head(hidden), *cache)
+
+    def prefill_hidden(self, hidden: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The decoder layers over input embeddings: final hidden states (before the norm) and the
+        per-layer keys/values. Separate from :meth:`prefill` so callers with their own embeddings
+        (a VLM's projected image tokens) run the very same computation."""
+        length = hidden.shape[1]
         cos, sin = self._rope(0, length)
         mask = self._causal_mask(0, length, hidden.dtype)
         cache: list[torch.Tensor] = []
         for layer in self.layers:
             hidden, k, v = self._layer(layer, hidden, cos, sin, mask, None, None)
             cache += [k, v]
-        return (self._head(hidden), *cache)
+        return hidden, cache
 
     def decode(self, input_ids: torch.Tensor, *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """New tokens after ``past`` (k_0, v_0, k_1, ...); positions start at the past length.

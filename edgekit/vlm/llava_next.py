@@ -83,22 +83,21 @@ def disable_hired(model):
     return model
 
 
-def _forward(self, input_ids=None, pixel_values=None, image_sizes=None, attention_mask=None, **kwargs):
-    state: _State = getattr(self, ATTRIBUTE)
-    if pixel_values is None or pixel_values.numel() == 0:
-        return state.forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-    _check(input_ids, kwargs)
-    ids, mask, encoded = hired_inputs(self, input_ids, pixel_values, image_sizes, attention_mask)
-    return state.forward(input_ids=ids, attention_mask=mask, mm_encoder_outputs=encoded, **kwargs)
+def _through_hired(entry: str):
+    """The model's own ``forward``/``generate`` (``entry``), fed HiRED's reduced image tokens."""
+
+    def call(self, input_ids=None, pixel_values=None, image_sizes=None, attention_mask=None, **kwargs):
+        original = getattr(getattr(self, ATTRIBUTE), entry)
+        if pixel_values is None or pixel_values.numel() == 0:
+            return original(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        _check(input_ids, kwargs)
+        ids, mask, encoded = hired_inputs(self, input_ids, pixel_values, image_sizes, attention_mask)
+        return original(input_ids=ids, attention_mask=mask, mm_encoder_outputs=encoded, **kwargs)
+
+    return call
 
 
-def _generate(self, input_ids=None, pixel_values=None, image_sizes=None, attention_mask=None, **kwargs):
-    state: _State = getattr(self, ATTRIBUTE)
-    if pixel_values is None or pixel_values.numel() == 0:
-        return state.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-    _check(input_ids, kwargs)
-    ids, mask, encoded = hired_inputs(self, input_ids, pixel_values, image_sizes, attention_mask)
-    return state.generate(input_ids=ids, attention_mask=mask, mm_encoder_outputs=encoded, **kwargs)
+_forward, _generate = _through_hired("forward"), _through_hired("generate")
 
 
 def _check(input_ids, kwargs) -> None:

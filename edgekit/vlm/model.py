@@ -206,15 +206,8 @@ class DinoSmolVLM(nn.Module):
     # -- generation ------------------------------------------------------------------------------
     def _prefill(self, hidden: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """CausalLMWithCache.prefill from embeddings: last-position logits and the KV cache."""
-        lm = self.lm
-        length = hidden.shape[1]
-        cos, sin = lm._rope(0, length)
-        mask = lm._causal_mask(0, length, hidden.dtype)
-        cache: list[torch.Tensor] = []
-        for layer in lm.layers:
-            hidden, k, v = lm._layer(layer, hidden, cos, sin, mask, None, None)
-            cache += [k, v]
-        return lm._head(hidden[:, -1:]), cache
+        hidden, cache = self.lm.prefill_hidden(hidden)
+        return self.lm._head(hidden[:, -1:]), cache
 
     @torch.no_grad()
     def answer(
