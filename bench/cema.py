@@ -170,7 +170,12 @@ def overrides(kind: type, items: list[str]) -> dict:
         key, _, value = item.partition("=")
         if key not in fields:
             raise SystemExit(f"error: {kind.__name__} has no field '{key}'")
-        out[key] = type(fields[key])(value) if fields[key] is not None else float(value)
+        if isinstance(fields[key], bool):
+            if value.lower() not in ("true", "false"):
+                raise SystemExit(f"error: {key} takes true or false, not '{value}'")
+            out[key] = value.lower() == "true"
+        else:
+            out[key] = type(fields[key])(value) if fields[key] is not None else float(value)
     return out
 
 

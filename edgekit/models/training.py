@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from edgekit.errors import EdgekitError
+from edgekit.progress import progress_bar
 
 
 @dataclass
@@ -118,17 +118,9 @@ def train_classifier(
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=label_smoothing)
     report = TrainReport(epochs=epochs, seconds=0.0, final_loss=float("nan"))
     start, cpu_start = time.perf_counter(), time.process_time()
-    columns = (
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total} steps"),
-        TextColumn("loss {task.fields[loss]:.3f}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    )
-    with torch.random.fork_rng(), Progress(*columns, disable=not progress, transient=False) as bar:
+    with torch.random.fork_rng(), progress_bar(progress) as bar:
         torch.manual_seed(seed)  # dropout draws; fork_rng gives the caller its RNG state back
-        task = bar.add_task(description, total=epochs * steps_per_epoch, loss=float("nan"))
+        task = bar.add_task(description, total=epochs * steps_per_epoch, status="")
         for epoch in range(epochs):
             model.train()
             order = torch.randperm(len(inputs), generator=generator)
@@ -147,7 +139,7 @@ def train_classifier(
                 schedule.step()
                 running += loss.item() * len(index)
                 seen += len(index)
-                bar.update(task, advance=1, loss=running / seen, description=f"{description} {epoch + 1}/{epochs}")
+                bar.update(task, advance=1, status=f"epoch {epoch + 1}/{epochs} loss {running / seen:.3f}")
             report.epoch_losses.append(running / seen)
             eval_accuracy = None
             if eval_inputs is not None and eval_labels is not None:

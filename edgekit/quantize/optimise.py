@@ -13,9 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from edgekit.progress import console
+from edgekit.progress import progress_bar
 from edgekit.quantize.llama import QuantLlama
 
 
@@ -76,18 +75,9 @@ def optimise(
     optimiser = torch.optim.AdamW([g for g, _ in groups], weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, [f for _, f in groups])
     total = epochs * len(batches)
-    progress = Progress(
-        TextColumn("[bold]MobileQuant"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("{task.fields[status]}"),
-        console=console,
-        disable=not show_progress,
-    )
     running = None
-    with progress:
-        task = progress.add_task("optimise", total=total, status="")
+    with progress_bar(show_progress) as progress:
+        task = progress.add_task("MobileQuant", total=total, status="")
         for epoch in range(epochs):
             for input_ids, target in zip(batches, targets, strict=True):
                 loss = torch.nn.functional.mse_loss(model.hidden_state(input_ids), target)

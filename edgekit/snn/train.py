@@ -14,10 +14,10 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import Progress
 
 from edgekit.errors import EdgekitError
-from edgekit.progress import console
+from edgekit.progress import progress_bar
 from edgekit.snn.network import SpikingNet
 
 
@@ -137,20 +137,13 @@ def iir(
     per_stage = stage_epochs(ladder, epochs)
     stages: list[Stage] = []
     kept: dict[int, SpikingNet] = {}
-    columns = (
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("{task.fields[status]}"),
-    )
-    with Progress(*columns, console=console, disable=not show_progress, transient=False) as progress:
-        for timesteps, stage_epoch in zip(ladder, per_stage, strict=True):
+    for timesteps, stage_epoch in zip(ladder, per_stage, strict=True):
+        with progress_bar(show_progress) as progress:  # one bar per stage: a log gets a line as each ends
             stages.append(
                 train_stage(
                     net, inputs, labels, timesteps, stage_epoch, lr, batch, seed, eval_inputs, eval_labels, progress
                 )
             )
-            if timesteps in keep:
-                kept[timesteps] = copy.deepcopy(net).eval()
+        if timesteps in keep:
+            kept[timesteps] = copy.deepcopy(net).eval()
     return stages, kept

@@ -19,11 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from edgekit.errors import EdgekitError
 from edgekit.models.llama import CausalLMWithCache
-from edgekit.progress import console
+from edgekit.progress import progress_bar
 from edgekit.sorted.data import batches
 from edgekit.sorted.model import check_depths, default_depths, sorted_loss
 
@@ -144,15 +143,7 @@ def train(
 
     hf_model.train()
     started = time.perf_counter()
-    columns = (
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[status]}"),
-    )
-    with Progress(*columns, console=console, transient=False) as progress:
+    with progress_bar() as progress:
         task = progress.add_task(
             description, total=config.steps, completed=start_step, status="resumed" if start_step else ""
         )

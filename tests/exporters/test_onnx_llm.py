@@ -7,7 +7,8 @@ import onnx
 import pytest
 import torch
 from onnx import numpy_helper
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny_llama import tiny_llama_config
+from transformers import LlamaForCausalLM
 
 from edgekit.evaluate import sqnr_db
 from edgekit.exporters.onnx import WEIGHTS_FILE, export_onnx, module_outputs, module_scopes
@@ -25,17 +26,7 @@ FIXED = TensorOverride(bits=8, scale=0.0031, zero_point=131)
 @pytest.fixture(scope="module")
 def lm_bundle() -> ModelBundle:
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=96,
-        hidden_size=48,
-        intermediate_size=96,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=6,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=128,
-        tie_word_embeddings=True,
-    )
+    config = tiny_llama_config(96, layers=LAYERS, hidden=48, heads=6, max_position_embeddings=128)
     hf = LlamaForCausalLM(config).eval()
     with torch.no_grad():  # sharper logits than the init gives, so greedy choices are decisive
         hf.lm_head.weight.mul_(8.0)

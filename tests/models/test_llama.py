@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny_llama import perturb_norms, tiny_llama_config
+from transformers import LlamaForCausalLM
 
 from edgekit.errors import EdgekitError
 from edgekit.models.llama import CausalLMWithCache, DecodeGraph, PrefillGraph
@@ -12,24 +13,16 @@ from edgekit.models.llama import CausalLMWithCache, DecodeGraph, PrefillGraph
 
 def tiny_llama(layers: int = 3, kv_heads: int = 2, rope: dict | None = None) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=101,
-        hidden_size=48,
-        intermediate_size=96,
-        num_hidden_layers=layers,
-        num_attention_heads=6,
+    config = tiny_llama_config(
+        101,
+        layers=layers,
+        hidden=48,
+        heads=6,
         num_key_value_heads=kv_heads,
-        head_dim=8,
-        max_position_embeddings=256,
         rope_parameters=rope or {"rope_type": "default", "rope_theta": 5000.0},
         tie_word_embeddings=False,
     )
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():  # RMSNorm weights start at 1; perturb them so a skipped norm shows
-        for name, param in model.named_parameters():
-            if name.endswith("layernorm.weight") or name == "model.norm.weight":
-                param.add_(0.3 * torch.randn_like(param))
-    return model
+    return perturb_norms(LlamaForCausalLM(config).eval())
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny_llama import perturb_norms, tiny_llama_config
+from transformers import LlamaForCausalLM
 
 from edgekit.models.llama import CausalLMWithCache
 
@@ -16,23 +17,11 @@ def tiny_llama(layers: int = 2, sink_activation: float = 0.0) -> CausalLMWithCac
     token (SmolLM2: ~24,800 in one residual channel): layer 0's MLP writes a huge value into one
     residual channel for :data:`SINK_TOKEN` only, while every other token's stream stays O(1)."""
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=101,
-        hidden_size=48,
-        intermediate_size=96,
-        num_hidden_layers=layers,
-        num_attention_heads=6,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=256,
-        rope_parameters={"rope_type": "default", "rope_theta": 5000.0},
-        tie_word_embeddings=True,
+    config = tiny_llama_config(
+        101, layers=layers, hidden=48, heads=6, rope_parameters={"rope_type": "default", "rope_theta": 5000.0}
     )
-    model = LlamaForCausalLM(config).eval()
+    model = perturb_norms(LlamaForCausalLM(config).eval())
     with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("layernorm.weight") or name == "model.norm.weight":
-                param.add_(0.3 * torch.randn_like(param))
         if sink_activation:
             # embedding channel 7 flags the sink token; MLP unit 5 squares it into residual channel 11
             flag, unit, channel = 7, 5, 11

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from snn_tiny import TinyVGG
@@ -61,6 +63,19 @@ def test_apply_returns_spiking_bundle(tiny_ann, tmp_path) -> None:
     table = [row for line in lines for row in line.splitlines() if row.startswith("| ")]
     assert len(table) == 1 + len(report["ops"]["layers"])
     assert any("x lower" in line for line in lines) and (tmp_path / "snn.png").stat().st_size > 0
+
+
+def test_cached_training_is_reused_and_remeasured_on_another_eval_set(tiny_ann, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("EDGEKIT_CACHE", str(tmp_path))
+    config = snn_recipe.Config(ladder=[2, 1], epochs=[0.25], train_samples=256, eval_samples=32, energy_samples=16)
+    first = snn_recipe.train_snn(_bundle(tiny_ann), config, show_progress=False)
+    larger = snn_recipe.train_snn(_bundle(tiny_ann), dataclasses.replace(config, eval_samples=96), show_progress=False)
+    assert len(list(tmp_path.glob("snn-iir-*"))) == 1  # trained once
+    assert first["record"]["eval_samples"] == 32 and larger["record"]["eval_samples"] == 96
+    eval_x, eval_y = larger["eval"]
+    for stage in larger["stages"]:
+        assert stage.accuracy == snn_recipe.accuracy(larger["nets"][stage.timesteps], eval_x, eval_y)
+    assert larger["record"]["ann_accuracy"] == snn_recipe.accuracy(tiny_ann, eval_x, eval_y)
 
 
 def test_refusals() -> None:

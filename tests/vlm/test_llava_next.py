@@ -13,20 +13,13 @@ IMAGE_TOKEN = 90
 
 
 def tiny_llava_next():
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+    from tiny_llama import tiny_llama_config
+    from transformers import CLIPVisionConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
 
     vision = CLIPVisionConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, image_size=16, patch_size=4
     )
-    text = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=100,
-        pad_token_id=0,
-    )
+    text = tiny_llama_config(100, tie_word_embeddings=False, pad_token_id=0)
     config = LlavaNextConfig(
         vision_config=vision,
         text_config=text,

@@ -18,7 +18,8 @@ from edgekit.vlm import scenes
 
 @pytest.fixture(scope="module")
 def small_vlm() -> vlm.DinoSmolVLM:
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from tiny_llama import tiny_llama_config
+    from transformers import AutoTokenizer, LlamaForCausalLM
 
     from edgekit.models import dinov2, smollm2
     from edgekit.models.llama import CausalLMWithCache
@@ -27,14 +28,7 @@ def small_vlm() -> vlm.DinoSmolVLM:
     vit, _ = dinov2.load_model(vlm.PARTITION)
     tokenizer = AutoTokenizer.from_pretrained(smollm2.checkpoint_dir())
     torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=len(tokenizer),
-    )
+    config = tiny_llama_config(len(tokenizer), tie_word_embeddings=False)
     lm = CausalLMWithCache(LlamaForCausalLM(config).eval())
     return vlm.DinoSmolVLM(ClsAttentionViT(vit), lm, tokenizer, HiredSettings()).eval()
 
