@@ -12,6 +12,7 @@ from typing import Protocol
 import numpy as np
 
 from edgekit.errors import EdgekitError
+from edgekit.runtime.pte import PteProgram
 
 
 class Backend(Protocol):
@@ -73,25 +74,11 @@ class OnnxBackend:
 
 
 class PteBackend:
-    """An ExecuTorch program's ``forward`` method, through ExecuTorch's Python runtime."""
+    """An ExecuTorch program's ``forward`` method; names come from the manifest (a .pte has none)."""
 
-    def __init__(self, path: Path, output_names: list[str]) -> None:
-        if not path.is_file():
-            raise EdgekitError(f"missing model file {path}")
-        from executorch.runtime import Runtime
-
-        try:
-            program = Runtime.get().load_program(str(path))
-            self.method = program.load_method("forward")
-        except Exception:
-            raise EdgekitError(f"{path} is not a loadable ExecuTorch program (truncated or corrupt?)") from None
-        if self.method is None:
-            raise EdgekitError(f"{path} has no 'forward' method")
+    def __init__(self, path: Path, input_names: list[str], output_names: list[str]) -> None:
+        self.program = PteProgram(path, input_names)
         self.output_names = output_names
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import torch  # ExecuTorch's binding exchanges torch tensors; it is already loaded with it
-
-        outputs = self.method.execute([torch.from_numpy(np.ascontiguousarray(value)) for value in feeds.values()])
-        arrays = [output.numpy() if hasattr(output, "numpy") else np.asarray(output) for output in outputs]
-        return dict(zip(self.output_names, arrays, strict=True))
+        return dict(zip(self.output_names, self.program.run(feeds), strict=True))

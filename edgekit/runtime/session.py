@@ -44,7 +44,9 @@ class Session:
             if self.format == "onnx":
                 self._backends[name] = OnnxBackend(path, self.threads)
             else:
-                self._backends[name] = PteBackend(path, [output.name for output in spec.outputs])
+                self._backends[name] = PteBackend(
+                    path, [tensor.name for tensor in spec.inputs], [tensor.name for tensor in spec.outputs]
+                )
         return self._backends[name]
 
     def check_feeds(self, feeds: dict[str, np.ndarray], graph: str = "main") -> dict[str, np.ndarray]:

@@ -9,9 +9,9 @@ import torch
 from edgekit.errors import EdgekitError
 from edgekit.evaluate import sqnr_db, top1_agreement
 from edgekit.exporters.executorch import PteExport, export_pte
-from edgekit.exporters.pte_run import PteProgram
 from edgekit.models.bundle import ModelBundle
 from edgekit.quantize import ptq
+from edgekit.runtime.pte import PteProgram
 
 
 def _torch(module: torch.nn.Module, sample: dict[str, np.ndarray]) -> np.ndarray:

@@ -9,8 +9,8 @@ import pytest
 
 from edgekit.errors import EdgekitError
 from edgekit.exporters.executorch import export_pte
-from edgekit.exporters.pte_run import PteProgram
 from edgekit.models.bundle import ModelBundle
+from edgekit.runtime.pte import PteProgram
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,9 @@
 """Run a ``.pte`` file in the real ExecuTorch runtime, numpy in and out.
 
-Self-contained (numpy, ``executorch.runtime``, ``edgekit.errors``) so the edge runtime can wrap
-it without pulling in exporters or torch training code. ExecuTorch's python binding imports
-torch itself and accepts only torch tensors, so torch is touched only at that boundary
-(``from_numpy`` in, ``numpy()`` out: no copies, no torch logic).
+The edge runtime's .pte backend and the exporters' verification both run programs through it.
+ExecuTorch's python binding imports torch itself (only when a program is opened) and accepts only
+torch tensors, so torch is touched only at that boundary (``from_numpy`` in, ``numpy()`` out: no
+copies, no torch logic).
 """
 
 from __future__ import annotations
