@@ -722,6 +722,9 @@ def quantize_qdq(
             calibration_cache_path=str(cache),
         )
     _restore_metadata(out_path, exported)
+    unquantized = float_gather_outputs(out_path)
+    if unquantized:
+        notes.append(f"{unquantized} Gather output(s) of a per-channel table left float")
     if edges_only:
         rewired = float_for_other_consumers(out_path, op_types)
         notes.append(f"{rewired} float consumers of quantized activations read them unquantized")
@@ -740,6 +743,61 @@ def quantize_qdq(
         "shape_only_nodes": len(excluded),
     }
     return summary, notes
+
+
+def float_gather_outputs(path: Path) -> int:
+    """Drop the Q/DQ pair onnxruntime puts on a Gather's output when the table is per-channel.
+
+    onnxruntime's quantizer gives a Gather's output its table's quantization parameters. A table
+    quantized per channel (a tied embedding, per-channel for the LM head's MatMul) has one scale per
+    vocabulary row, which means nothing for the gathered activation: the QuantizeLinear fails at
+    run time ("For per axis quantization, scale must be 1D tensor with size ..."). The Gather then
+    feeds its consumers float (the table stays stored once, in 8 bits). Returns the pairs removed.
+    """
+    model = onnx.load(str(path), load_external_data=False)
+    graph = model.graph
+    scales = {init.name: init for init in graph.initializer}
+    producers = {out: node for node in graph.node for out in node.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+
+    def per_axis(dequantize: onnx.NodeProto | None) -> bool:
+        scale = scales.get(dequantize.input[1]) if dequantize is not None else None
+        return (
+            dequantize is not None
+            and dequantize.op_type == "DequantizeLinear"
+            and scale is not None
+            and (int(np.prod(scale.dims)) > 1)
+        )
+
+    dropped: list[onnx.NodeProto] = []
+    rewire: dict[str, str] = {}
+    for gather in graph.node:
+        if gather.op_type != "Gather" or not per_axis(producers.get(gather.input[0])):
+            continue
+        for quantize in consumers.get(gather.output[0], []):
+            if quantize.op_type != "QuantizeLinear" or scales.get(quantize.input[1]) is None:
+                continue
+            if int(np.prod(scales[quantize.input[1]].dims)) <= 1:
+                continue
+            for dequantize in consumers.get(quantize.output[0], []):
+                if dequantize.op_type == "DequantizeLinear":
+                    rewire[dequantize.output[0]] = gather.output[0]
+                    dropped.append(dequantize)
+            dropped.append(quantize)
+    if not dropped:
+        return 0
+    if {output.name for output in graph.output} & set(rewire):
+        raise EdgekitError("a graph output is a per-channel-quantized Gather; cannot keep it float")
+    for node in graph.node:
+        node.input[:] = [rewire.get(name, name) for name in node.input]
+    kept = [node for node in graph.node if all(node is not gone for gone in dropped)]
+    del graph.node[:]
+    graph.node.extend(kept)
+    onnx.save_model(model, str(path))
+    return sum(1 for node in dropped if node.op_type == "QuantizeLinear")
 
 
 def float_for_other_consumers(path: Path, op_types: Sequence[str]) -> int:
