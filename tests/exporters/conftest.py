@@ -7,6 +7,7 @@ from onnx_tiny_models import block_bundle, calibration, conv_bundle, mlp_bundle
 
 from edgekit.exporters.onnx import OnnxExport, export_onnx
 from edgekit.models.bundle import ModelBundle
+from edgekit.quantize import ptq
 from edgekit.quantize.spec import QuantSpec
 
 BUNDLES = {"conv": conv_bundle, "mlp": mlp_bundle, "block": block_bundle}
@@ -36,3 +37,12 @@ def exported(tmp_path_factory, bundles):
         return done[(model, plan)]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def ptq_conv(tmp_path_factory) -> tuple[ModelBundle, OnnxExport]:
+    """The conv model through the ``ptq`` transform (pt2e program, simulated model) and its QDQ export."""
+    bundle = conv_bundle()
+    calib = calibration(bundle, count=8)
+    quantized = ptq.apply(bundle, calib, ptq.Config(samples=8))
+    return quantized, export_onnx(quantized, tmp_path_factory.mktemp("ptq-conv"), calib)

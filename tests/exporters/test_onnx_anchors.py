@@ -4,27 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import pytest
 import torch
 import torchao.quantization.pt2e  # noqa: F401  (registers the quantized_decomposed ops)
 from onnx import numpy_helper
-from onnx_tiny_models import calibration, conv_bundle, evaluation
+from onnx_tiny_models import evaluation
 
 from edgekit.evaluate import sqnr_db
-from edgekit.exporters.onnx import export_onnx
 from edgekit.exporters.verify import onnx_session
-from edgekit.quantize import ptq
 
 Q_TENSOR = torch.ops.quantized_decomposed.quantize_per_tensor.default
-
-
-@pytest.fixture(scope="module")
-def anchored(tmp_path_factory):
-    bundle = conv_bundle()
-    calib = calibration(bundle, count=8)
-    quantized = ptq.apply(bundle, calib, ptq.Config(samples=8))
-    export = export_onnx(quantized, tmp_path_factory.mktemp("anchored"), calib)
-    return quantized, export
 
 
 def _activation_scales(path) -> list[float]:
@@ -38,8 +26,8 @@ def _activation_scales(path) -> list[float]:
     ]
 
 
-def test_every_activation_range_is_the_pt2e_programs(anchored) -> None:
-    quantized, export = anchored
+def test_every_activation_range_is_the_pt2e_programs(ptq_conv) -> None:
+    quantized, export = ptq_conv
     pt2e = sorted({float(node.args[1]) for node in quantized.simulated.graph.nodes if node.target == Q_TENSOR})
     onnx_scales = _activation_scales(export.main.path)
     assert export.quantization["ranges_from_pt2e"] >= 4  # input, two conv outputs, pooled, logits
@@ -48,8 +36,8 @@ def test_every_activation_range_is_the_pt2e_programs(anchored) -> None:
         assert min(abs(scale - s) / s for s in pt2e) < 1e-6, f"scale {scale} is not one of the pt2e program's"
 
 
-def test_onnx_file_matches_the_simulated_model(anchored) -> None:
-    quantized, export = anchored
+def test_onnx_file_matches_the_simulated_model(ptq_conv) -> None:
+    quantized, export = ptq_conv
     feed = evaluation(quantized)
     with torch.no_grad():
         simulated = quantized.simulated(**{k: torch.from_numpy(v) for k, v in feed.items()}).numpy()

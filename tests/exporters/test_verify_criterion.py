@@ -6,14 +6,11 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import pytest
 from onnx import numpy_helper
-from onnx_tiny_models import calibration, conv_bundle, evaluation, torch_output
+from onnx_tiny_models import evaluation, torch_output
 
 from edgekit import recipes
-from edgekit.exporters.onnx import export_onnx
 from edgekit.exporters.verify import compare, judge, onnx_session
-from edgekit.quantize import ptq
 from edgekit.recipes import VerifyConfig
 
 STRICT = VerifyConfig(min_sqnr_db=25.0, min_top1_agreement=0.95)
@@ -72,15 +69,6 @@ def test_ptq_int8_recipe_uses_the_float_gap():
     assert recipes.load("fp32").verify.float_gap_db is None  # float exports must match exactly
 
 
-@pytest.fixture(scope="module")
-def exported_int8(tmp_path_factory):
-    bundle = conv_bundle()
-    calib = calibration(bundle, count=8)
-    quantized = ptq.apply(bundle, calib, ptq.Config(samples=8))
-    export = export_onnx(quantized, tmp_path_factory.mktemp("criterion"), calib)
-    return quantized, export.main.path
-
-
 def _judge_file(bundle, path) -> list[str]:
     """The float-gap verdict on the ONNX file at ``path``, as ``pipeline.verify`` computes it."""
     feed = evaluation(bundle)
@@ -111,13 +99,15 @@ def _replace(initializer, array: np.ndarray) -> None:
     initializer.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(array), initializer.name))
 
 
-def test_the_real_file_passes(exported_int8):
-    bundle, path = exported_int8
+def test_the_real_file_passes(ptq_conv):
+    bundle, export = ptq_conv
+    path = export.main.path
     assert _judge_file(bundle, path) == []
 
 
-def test_a_wrong_weight_scale_fails(exported_int8, tmp_path):
-    bundle, path = exported_int8
+def test_a_wrong_weight_scale_fails(ptq_conv, tmp_path):
+    bundle, export = ptq_conv
+    path = export.main.path
 
     def double_scale(initializers, dq) -> None:
         scale = initializers[dq.input[1]]
@@ -126,8 +116,9 @@ def test_a_wrong_weight_scale_fails(exported_int8, tmp_path):
     assert _judge_file(bundle, _corrupted(path, tmp_path, double_scale))
 
 
-def test_a_wrong_weight_layout_fails(exported_int8, tmp_path):
-    bundle, path = exported_int8
+def test_a_wrong_weight_layout_fails(ptq_conv, tmp_path):
+    bundle, export = ptq_conv
+    path = export.main.path
 
     def transpose_kernels(initializers, dq) -> None:  # [out, in, kh, kw] read as [out, in, kw, kh]
         weight = initializers[dq.input[0]]
