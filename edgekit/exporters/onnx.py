@@ -756,48 +756,41 @@ def float_gather_outputs(path: Path) -> int:
     """
     model = onnx.load(str(path), load_external_data=False)
     graph = model.graph
-    scales = {init.name: init for init in graph.initializer}
-    producers = {out: node for node in graph.node for out in node.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
+    nodes = list(graph.node)
+    sizes = {init.name: int(np.prod(init.dims)) for init in graph.initializer}
+    producers = {out: index for index, node in enumerate(nodes) for out in node.output}
+    consumers: dict[str, list[int]] = {}
+    for index, node in enumerate(nodes):
         for name in node.input:
-            consumers.setdefault(name, []).append(node)
+            consumers.setdefault(name, []).append(index)
 
-    def per_axis(dequantize: onnx.NodeProto | None) -> bool:
-        scale = scales.get(dequantize.input[1]) if dequantize is not None else None
-        return (
-            dequantize is not None
-            and dequantize.op_type == "DequantizeLinear"
-            and scale is not None
-            and (int(np.prod(scale.dims)) > 1)
-        )
+    def per_axis(index: int | None, op_type: str) -> bool:
+        return index is not None and nodes[index].op_type == op_type and sizes.get(nodes[index].input[1], 0) > 1
 
-    dropped: list[onnx.NodeProto] = []
+    dropped: set[int] = set()
     rewire: dict[str, str] = {}
-    for gather in graph.node:
-        if gather.op_type != "Gather" or not per_axis(producers.get(gather.input[0])):
+    for gather in nodes:
+        if gather.op_type != "Gather" or not per_axis(producers.get(gather.input[0]), "DequantizeLinear"):
             continue
         for quantize in consumers.get(gather.output[0], []):
-            if quantize.op_type != "QuantizeLinear" or scales.get(quantize.input[1]) is None:
+            if not per_axis(quantize, "QuantizeLinear"):
                 continue
-            if int(np.prod(scales[quantize.input[1]].dims)) <= 1:
-                continue
-            for dequantize in consumers.get(quantize.output[0], []):
-                if dequantize.op_type == "DequantizeLinear":
-                    rewire[dequantize.output[0]] = gather.output[0]
-                    dropped.append(dequantize)
-            dropped.append(quantize)
+            dropped.add(quantize)
+            for dequantize in consumers.get(nodes[quantize].output[0], []):
+                if nodes[dequantize].op_type == "DequantizeLinear":
+                    rewire[nodes[dequantize].output[0]] = gather.output[0]
+                    dropped.add(dequantize)
     if not dropped:
         return 0
     if {output.name for output in graph.output} & set(rewire):
         raise EdgekitError("a graph output is a per-channel-quantized Gather; cannot keep it float")
-    for node in graph.node:
+    kept = [node for index, node in enumerate(nodes) if index not in dropped]
+    for node in kept:
         node.input[:] = [rewire.get(name, name) for name in node.input]
-    kept = [node for node in graph.node if all(node is not gone for gone in dropped)]
     del graph.node[:]
     graph.node.extend(kept)
     onnx.save_model(model, str(path))
-    return sum(1 for node in dropped if node.op_type == "QuantizeLinear")
+    return sum(1 for index in dropped if nodes[index].op_type == "QuantizeLinear")
 
 
 def float_for_other_consumers(path: Path, op_types: Sequence[str]) -> int:

@@ -591,10 +591,10 @@ def apply(bundle: ModelBundle, data: Sequence[Mapping[str, Any]], config: Config
         bundle.module, bundle.example_inputs, samples, spec, bundle.dynamic_axes, activations=config.activations
     )
     meta = dict(bundle.meta)
-    meta["pt2e_program"] = program
+    gemm_inputs = scope == "gemm-inputs"
+    meta["pt2e_program"] = dynamic_program(bundle.module, bundle.example_inputs) if gemm_inputs else program
     meta["range_anchors"] = anchors
-    if scope == "gemm-inputs":
-        meta["pt2e_program"] = dynamic_program(bundle.module, bundle.example_inputs)
+    if gemm_inputs:
         meta["onnx_op_types"] = list(GEMM_OP_TYPES)
     meta["ptq"] = {
         "activations": scope,

@@ -109,10 +109,7 @@ def train_snn(bundle: ModelBundle, config: Config, show_progress: bool = True) -
     def build(directory: Path) -> None:
         net = fresh()
         start = time.perf_counter()
-        converted = {}
-        for timesteps in sorted({config.ladder[0], 1}, reverse=True):
-            net.timesteps = timesteps
-            converted[str(timesteps)] = accuracy(net, eval_x, eval_y)
+        converted = _conversion_accuracy(net, sorted({config.ladder[0], 1}, reverse=True), eval_x, eval_y)
         torch.save(net.state_dict(), directory / "converted.pt")
         stages, kept = iir(
             net, train_x, train_y, list(config.ladder), config.epochs, config.lr, config.batch,
@@ -157,6 +154,19 @@ def train_snn(bundle: ModelBundle, config: Config, show_progress: bool = True) -
     }
 
 
+def _conversion_accuracy(
+    net: SpikingNet, timesteps: list[int], eval_x: torch.Tensor, eval_y: torch.Tensor
+) -> dict[str, float]:
+    """The converted (not retrained) network's accuracy at each of ``timesteps``; its T is restored."""
+    kept = net.timesteps
+    accuracies = {}
+    for steps in timesteps:
+        net.timesteps = steps
+        accuracies[str(steps)] = accuracy(net, eval_x, eval_y)
+    net.timesteps = kept
+    return accuracies
+
+
 def _reevaluated(
     record: dict[str, Any],
     ann: torch.nn.Module,
@@ -165,10 +175,7 @@ def _reevaluated(
     eval_x: torch.Tensor,
     eval_y: torch.Tensor,
 ) -> dict[str, Any]:
-    conversion = {}
-    for timesteps in record["conversion_accuracy"]:
-        converted.timesteps = int(timesteps)
-        conversion[timesteps] = accuracy(converted, eval_x, eval_y)
+    conversion = _conversion_accuracy(converted, [int(t) for t in record["conversion_accuracy"]], eval_x, eval_y)
     stages = [{**stage, "accuracy": accuracy(nets[stage["timesteps"]], eval_x, eval_y)} for stage in record["stages"]]
     return {
         **record,
