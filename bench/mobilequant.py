@@ -8,6 +8,11 @@ calibration (transform) time, and the Snapdragon 8 Gen 3 NPU profile's integer c
 learn in torch also report the perplexity of their simulated (fake-quant) model on the same tokens,
 so a gap between the simulation and the exported file shows up in the table.
 
+``--pte-rows`` (default fp32 and the int8-only MobileQuant, the 8-bit model XNNPACK can run) are
+also lowered to ExecuTorch .pte (XNNPACK, static 256-token prefill, learned ranges fixed): their
+perplexity run in the ExecuTorch runtime and their prefill latency against the fp32 .pte, same run.
+The ONNX files are prefill graphs only (``export_onnx(decode=False)``): the bench measures prompts.
+
 Budget flags override the recipes' defaults (``--samples``, ``--seq-len``, ``--epochs``) and
 ``--layers`` benchmarks the first N decoder layers only (then final norm + head), for machines
 where the full model does not fit the time. Usage: python bench/mobilequant.py [--layers 4 ...]
@@ -38,6 +43,7 @@ ROWS = {
     "mobilequant-w4a8": ("mobilequant-w4a8", "4/8+16"),
 }
 DEVICE = "snapdragon-8gen3-npu"
+PREFILL = 256  # prefill latency length and the .pte's static window
 
 
 def load_bundle(layers: int | None):
@@ -84,10 +90,14 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=8192)
     parser.add_argument("--rows", default=",".join(ROWS))
     parser.add_argument("--latency-rounds", type=int, default=3)
+    parser.add_argument("--pte-rows", default="fp32,mobilequant-w8a8-int8only", help="rows also lowered to .pte")
     args = parser.parse_args()
 
     bundle = load_bundle(args.layers)
     tokens = token_stream(bundle.tokenizer, "eval", max_tokens=args.eval_tokens)
+    tokens = tokens[: max(PREFILL, len(tokens) // PREFILL * PREFILL)]  # whole windows: the .pte is static
+    pte_rows = [name for name in args.pte_rows.split(",") if name]
+    programs: dict[str, object] = {}
     settings = {"samples": args.samples, "seq_len": args.seq_len, "epochs": args.epochs, "batch_size": args.batch_size}
     rows: list[dict] = []
     sessions = {}
@@ -114,7 +124,7 @@ def main() -> None:
             calibration_seconds = time.perf_counter() - started
             out = Path(tmp) / row_name
             started = time.perf_counter()
-            result = export_onnx(transformed, out, calib or None)
+            result = export_onnx(transformed, out, calib or None, decode=False)
             export_seconds = time.perf_counter() - started
             session = onnx_session(result.graphs["prefill"].path)
             sessions[row_name] = session
@@ -144,25 +154,21 @@ def main() -> None:
                     k: v for k, v in transformed.meta["mobilequant"].items() if isinstance(v, int | float | dict)
                 }
             # prefill latency at 256 tokens, interleaved with fp32 so both see the same machine load
-            ids = tokens[None, :256].astype(np.int64)
-            pair = {name: sessions[name] for name in dict.fromkeys(("fp32", row_name)) if name in sessions}
-            times: dict[str, list[float]] = {name: [] for name in pair}
-            for _ in range(args.latency_rounds):
-                for name, timed in pair.items():
-                    timed.run(None, {"input_ids": ids})
-                    begin = time.perf_counter()
-                    timed.run(None, {"input_ids": ids})
-                    times[name].append(time.perf_counter() - begin)
-            latency = {name: float(np.median(values)) for name, values in times.items()}
+            ids = tokens[None, :PREFILL].astype(np.int64)
+            runs = {name: (lambda s=s, ids=ids: s.run(None, {"input_ids": ids})) for name, s in sessions.items()}
+            latency = _interleaved(runs, row_name, args.latency_rounds)
             row["prefill_ms_256"] = 1000 * latency[row_name]
             if "fp32" in latency:
                 row["fp32_prefill_ms_256_same_run"] = 1000 * latency["fp32"]
                 row["prefill_latency_ratio"] = latency[row_name] / latency["fp32"]
+            if row_name in pte_rows:
+                row["pte"] = _pte_row(transformed, Path(tmp) / f"{row_name}-pte", tokens, programs, row_name, args)
             if rows and rows[0]["method"] == "fp32":
                 row["perplexity_ratio"] = row["perplexity"] / rows[0]["perplexity"]
                 row["size_ratio"] = row["bytes"] / rows[0]["bytes"]
             if row_name != "fp32":
                 sessions.pop(row_name)  # keep memory bounded: only fp32 stays loaded
+                programs.pop(row_name, None)
             rows.append(row)
             print(
                 json.dumps({k: row[k] for k in ("method", "perplexity", "bytes", "calibration_seconds")}),
@@ -191,6 +197,51 @@ def main() -> None:
             )
         )
     print(f"wrote {RESULTS}")
+
+
+def _interleaved(runs: dict, row_name: str, rounds: int) -> dict[str, float]:
+    """Median seconds of ``row_name``'s run and fp32's, alternated so both see the same machine load."""
+    pair = {name: runs[name] for name in dict.fromkeys(("fp32", row_name)) if name in runs}
+    times: dict[str, list[float]] = {name: [] for name in pair}
+    for _ in range(rounds):
+        for name, run in pair.items():
+            run()  # warm
+            begin = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - begin)
+    return {name: float(np.median(values)) for name, values in times.items()}
+
+
+def _pte_row(transformed, out: Path, tokens: np.ndarray, programs: dict, row_name: str, args) -> dict:
+    """Lower the row to a static 256-token .pte; perplexity in the ExecuTorch runtime, latency vs fp32."""
+    import torch
+
+    from edgekit.exporters.executorch import export_pte
+    from edgekit.runtime.pte import PteProgram
+
+    ids = tokens[None, :PREFILL].astype(np.int64)
+    static = transformed.replace(example_inputs={"input_ids": torch.as_tensor(ids)})
+    started = time.perf_counter()
+    result = export_pte(static, out)
+    export_seconds = time.perf_counter() - started
+    program = PteProgram(result.path, ["input_ids"])
+    programs[row_name] = program
+    ppl = perplexity(lambda window: program.run({"input_ids": window})[0], tokens, PREFILL, PREFILL)
+    runs = {name: (lambda p=p: p.run({"input_ids": ids})) for name, p in programs.items()}
+    latency = _interleaved(runs, row_name, args.latency_rounds)
+    facts = {
+        "perplexity": ppl,
+        "bytes": result.size_bytes,
+        "export_seconds": export_seconds,
+        "delegated_ops": result.delegation.delegated_ops,
+        "undelegated_ops": result.delegation.undelegated_ops,
+        "prefill_ms_256": 1000 * latency[row_name],
+    }
+    if "fp32" in latency:
+        facts["fp32_prefill_ms_256_same_run"] = 1000 * latency["fp32"]
+        facts["speedup_vs_fp32"] = latency["fp32"] / latency[row_name]
+    print(json.dumps({"pte": row_name, **facts}), file=sys.stderr)
+    return facts
 
 
 def _write(args, rows: list[dict]) -> None:

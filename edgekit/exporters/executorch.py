@@ -4,6 +4,8 @@ fp32: ``torch.export`` â†’ ``to_edge_transform_and_lower(XnnpackPartitioner)`` â
 int8: the same lowering of the *converted pt2e program* the ``ptq`` transform calibrated
 (``bundle.meta["pt2e_program"]``), so the .pte carries the simulated model's scales; quantize /
 dequantize pairs around conv, linear, add, ... fuse into XNNPACK's int8 kernels.
+Learned ranges (a QuantSpec with fixed overrides, MobileQuant): the program of
+:func:`edgekit.quantize.pt2e_fixed.fixed_range_program`, quantized at exactly those sites.
 
 Shapes are static (the bundle's example inputs): XNNPACK plans memory for them and the .pte's
 method metadata records them. :func:`pte_op_stats` reads the lowered program and says, per op,
@@ -152,6 +154,10 @@ def _program_to_lower(bundle: ModelBundle, calib: Sequence[Mapping[str, Any]] | 
     program = bundle.meta.get("pt2e_program")
     if program is not None:
         return program
+    if bundle.quant.overrides:  # learned ranges: fixed as learned, nothing to calibrate
+        from edgekit.quantize.pt2e_fixed import fixed_range_program
+
+        return fixed_range_program(bundle.module, bundle.example_inputs, bundle.quant)
     from edgekit.quantize.ptq import quantize_program
 
     if not calib:

@@ -172,10 +172,13 @@ def export_onnx(
     calib: list[dict[str, np.ndarray]] | None = None,
     *,
     progress: Progress | None = None,
+    decode: bool = True,
 ) -> OnnxExport:
     """Export ``bundle`` to ONNX under ``out_dir``: fp32 when ``bundle.quant`` is None, else QDQ.
 
-    ``calib`` holds input feeds (graph input name -> array) for calibration; QDQ needs it. Work
+    ``calib`` holds input feeds (graph input name -> array) for calibration; QDQ needs it.
+    ``decode=False`` writes a causal LM's prefill graph only (half the export time, for measuring
+    prompts: perplexity, prefill latency; a bundle that generates needs the decode graph). Work
     happens in a temporary directory beside ``out_dir``; only finished files are moved in, so a
     failed export leaves ``out_dir`` as it was.
     """
@@ -195,7 +198,7 @@ def export_onnx(
         final = tmp / "final"
         final.mkdir()
         if is_lm:
-            result = _export_lm(bundle, module, tmp, final, spec, calib, say)
+            result = _export_lm(bundle, module, tmp, final, spec, calib, say, decode)
         else:
             result = _export_single(bundle, module, tmp, final, spec, calib, say)
         graphs, exporter, quantization, notes = result
@@ -288,6 +291,7 @@ def _export_lm(
     spec: QuantSpec | None,
     calib: list[dict[str, np.ndarray]] | None,
     say: Progress,
+    decode: bool = True,
 ) -> tuple[dict[str, OnnxGraph], str, dict[str, Any], list[str]]:
     layers = int(module.num_layers)
     kv_heads = int(module.num_kv_heads)
@@ -309,23 +313,23 @@ def _export_lm(
         dynamic_axes={"input_ids": {1: "sequence"}},
         external_data=True,
     )
-    say(f"exporting {bundle.spec} decode graph")
+    notes = [f"prefill: {fallback}"] if fallback else []
     decode_fp32 = tmp / "decode-fp32" / "decode.onnx"
-    past_length = 3
-    example_past = [torch.zeros(1, kv_heads, past_length, head_dim) for _ in past_names]
-    dynamic_past = {name: {2: "past_sequence"} for name in past_names}
-    exporter_decode, fallback_decode = torch_to_onnx(
-        _Decode(module).eval(),
-        (example_ids[:, :1], *example_past),
-        decode_fp32,
-        input_names=["input_ids", *past_names],
-        output_names=["logits", *present_names],
-        dynamic_axes=dynamic_past,
-        external_data=True,
-        nest=1,
-    )
-    exporter = exporter if exporter == exporter_decode else f"{exporter}+{exporter_decode}"
-    notes = [f"{role}: {n}" for role, n in (("prefill", fallback), ("decode", fallback_decode)) if n]
+    if decode:
+        say(f"exporting {bundle.spec} decode graph")
+        example_past = [torch.zeros(1, kv_heads, 3, head_dim) for _ in past_names]
+        exporter_decode, fallback_decode = torch_to_onnx(
+            _Decode(module).eval(),
+            (example_ids[:, :1], *example_past),
+            decode_fp32,
+            input_names=["input_ids", *past_names],
+            output_names=["logits", *present_names],
+            dynamic_axes={name: {2: "past_sequence"} for name in past_names},
+            external_data=True,
+            nest=1,
+        )
+        exporter = exporter if exporter == exporter_decode else f"{exporter}+{exporter_decode}"
+        notes += [f"decode: {fallback_decode}"] if fallback_decode else []
     quantization: dict[str, Any] = {}
     prefill_src, decode_src = prefill_fp32, decode_fp32
     if spec is not None:
@@ -344,6 +348,7 @@ def _export_lm(
             anchors=bundle.meta.get("range_anchors", ()),
         )
         notes += q_notes
+    if spec is not None and decode:
         decode_overrides, o_notes = _overrides_by_module(prefill_fp32, spec.overrides, "model.")
         notes += o_notes
         say("building decode calibration feeds from the fp32 prefill graph")
@@ -365,11 +370,9 @@ def _export_lm(
             "on a prefix and the next tokens are decoded against that KV cache"
         )
         quantization["decode_steps"] = decode_quant.get("samples", len(decode_feeds))
-    say(f"writing prefill.onnx + decode.onnx sharing {WEIGHTS_FILE}")
-    models = {
-        "prefill": onnx.load(str(prefill_src), load_external_data=True),
-        "decode": onnx.load(str(decode_src), load_external_data=True),
-    }
+    sources = {"prefill": prefill_src, "decode": decode_src} if decode else {"prefill": prefill_src}
+    say(f"writing {' + '.join(f'{role}.onnx' for role in sources)} sharing {WEIGHTS_FILE}")
+    models = {role: onnx.load(str(path), load_external_data=True) for role, path in sources.items()}
     for model in models.values():
         _drop_unused_domains(model)
         _strip_metadata(model)

@@ -1,0 +1,157 @@
+"""A pt2e int8 program whose activation ranges are the ones a method learned, never observed again.
+
+XNNPACK's quantizer observes every range it annotates. A learned range (MobileQuant's) must reach
+the .pte as it was learned, and only where it was learned: this quantizer annotates exactly the
+module outputs the :class:`~edgekit.quantize.spec.QuantSpec` overrides name, with fixed scale and
+zero point, plus the weights of the linear layers. Everything between two sites (norm internals,
+RoPE products, views) stays float, as in the simulated model, so the .pte computes what the
+simulation computed. The overrides are uint8 grids; XNNPACK's int8 grid with the zero point
+shifted by 128 holds the same values.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from fnmatch import fnmatch
+
+import torch
+
+from edgekit.errors import EdgekitError
+from edgekit.quantize.fakequant import symmetric_fake_quant
+from edgekit.quantize.spec import QuantSpec, TensorOverride
+
+_LINEAR = torch.ops.aten.linear.default
+# ops that only move values: XNNPACK runs them on int8 tensors only between a dequantize and a
+# quantize of the same grid, so a fixed site's grid is carried through them
+_DATA_MOVES = {
+    torch.ops.aten.view.default,
+    torch.ops.aten.reshape.default,
+    torch.ops.aten.permute.default,
+    torch.ops.aten.transpose.int,
+    torch.ops.aten.unsqueeze.default,
+    torch.ops.aten.squeeze.dim,
+    torch.ops.aten.expand.default,
+    torch.ops.aten.clone.default,
+}
+
+
+def module_output_nodes(program: torch.fx.GraphModule, prefix: str = "") -> dict[str, torch.fx.Node]:
+    """Module path -> the last node traced inside it (its output), from ``nn_module_stack``."""
+    outputs: dict[str, torch.fx.Node] = {}
+    for node in program.graph.nodes:  # topological order: the last node of a module wins
+        if node.op != "call_function" or not node.meta.get("nn_module_stack"):
+            continue
+        path = list(node.meta["nn_module_stack"].values())[-1][0]
+        if prefix and path.startswith(prefix):
+            path = path[len(prefix) :]
+        parts = path.split(".")
+        for depth in range(1, len(parts) + 1):
+            outputs[".".join(parts[:depth])] = node
+    return outputs
+
+
+def fixed_range_program(
+    module: torch.nn.Module, example_inputs: Mapping[str, torch.Tensor], spec: QuantSpec
+) -> torch.fx.GraphModule:
+    """Export ``module``, fix its activation quantization from ``spec`` and convert: the int8
+    program to lower to XNNPACK. Norm weights are stored at ``spec.norm_weight_bits`` values."""
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    sixteen = sorted(path for path, fixed in {**spec.overrides, **spec.lookup_overrides}.items() if fixed.bits != 8)
+    if sixteen:
+        raise EdgekitError(
+            f"XNNPACK runs 8-bit activations only, and this plan fixes {len(sixteen)} sites at 16 bits "
+            f"(e.g. {sixteen[0]}): export it as ONNX, or use the int8-only recipe for .pte"
+        )
+    module = copy.deepcopy(module).eval()
+    if spec.fuse_rms_norm:
+        _quantize_norm_weights(module, spec.norm_weight_bits)
+    example = {name: tensor.contiguous() for name, tensor in example_inputs.items()}
+    with torch.no_grad():
+        program = torch.export.export(module, (), example, strict=False).module()
+        from edgekit.quantize.ptq import strip_noop_conversions
+
+        strip_noop_conversions(program)
+        prepared = prepare_pt2e(program, _quantizer(spec))
+        prepared(**example)  # weight observers see their weights; activations are fixed
+        return convert_pt2e(prepared)
+
+
+def _quantize_norm_weights(module: torch.nn.Module, bits: int) -> None:
+    """Store each RMSNorm weight at its quantized value, as the simulation multiplies by it."""
+    with torch.no_grad():
+        for child in module.modules():
+            if type(child).__name__.endswith("RMSNorm") and isinstance(getattr(child, "weight", None), torch.Tensor):
+                child.weight.copy_(symmetric_fake_quant(child.weight, bits))
+
+
+def _fixed_spec(fixed: TensorOverride):
+    from torchao.quantization.pt2e.quantizer import FixedQParamsQuantizationSpec
+
+    zero_point = fixed.zero_point if fixed.signed else fixed.zero_point - 128
+    return FixedQParamsQuantizationSpec(
+        dtype=torch.int8,
+        scale=float(fixed.scale),
+        zero_point=int(zero_point),
+        quant_min=-128,
+        quant_max=127,
+        qscheme=torch.per_tensor_affine,
+    )
+
+
+def _quantizer(spec: QuantSpec):
+    """A pt2e quantizer that annotates the overridden module outputs (fixed) and the linear weights."""
+    from torchao.quantization.pt2e.quantizer import Quantizer
+
+    class FixedRange(Quantizer):
+        def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+            _annotate(model, spec)
+            return model
+
+        def validate(self, model: torch.fx.GraphModule) -> None:
+            return None
+
+    return FixedRange()
+
+
+def _annotate(model: torch.fx.GraphModule, spec: QuantSpec) -> None:
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import get_symmetric_quantization_config
+    from torchao.quantization.pt2e.quantizer import QuantizationAnnotation
+    from torchao.quantization.pt2e.quantizer.quantizer import Q_ANNOTATION_KEY
+
+    if spec.weight_bits != 8:
+        raise EdgekitError(f"XNNPACK runs 8-bit weights; this plan has {spec.weight_bits}-bit weights")
+    outputs = module_output_nodes(model)
+    sites = {**spec.overrides, **spec.lookup_overrides}
+    prefix = _common_prefix(outputs, sites)
+    missing = [path for path in sites if prefix + path not in outputs]
+    if missing:
+        raise EdgekitError(f"quantization overrides name no module of the exported program: {', '.join(missing[:5])}")
+    fixed = {outputs[prefix + path]: _fixed_spec(value) for path, value in sites.items()}
+    pending = list(fixed.items())
+    while pending:  # the same grid through the data moves after each site
+        node, qspec = pending.pop()
+        for user in node.users:
+            if user.op == "call_function" and user.target in _DATA_MOVES and user not in fixed:
+                fixed[user] = qspec
+                pending.append((user, qspec))
+    weights = {channel: get_symmetric_quantization_config(is_per_channel=channel).weight for channel in (False, True)}
+    for node in model.graph.nodes:
+        inputs = {}
+        if node.op == "call_function" and node.target == _LINEAR:
+            path = list(node.meta["nn_module_stack"].values())[-1][0].removeprefix(prefix)
+            per_channel = spec.weight_per_channel or any(fnmatch(path, p) for p in spec.per_channel_modules)
+            inputs[node.args[1]] = weights[per_channel]
+        if node in fixed or inputs:
+            node.meta[Q_ANNOTATION_KEY] = QuantizationAnnotation(
+                input_qspec_map=inputs, output_qspec=fixed.get(node), _annotated=True
+            )
+
+
+def _common_prefix(outputs: Mapping[str, torch.fx.Node], overrides: Mapping[str, TensorOverride]) -> str:
+    """The attribute path the exported wrapper puts before the bundle's module paths ("" or "model.")."""
+    for prefix in ("", "model."):
+        if all(prefix + path in outputs for path in overrides):
+            return prefix
+    return ""
