@@ -166,3 +166,14 @@ def test_module_override_lands_in_both_graphs(lm_q8):
         (q,) = [n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == tensor]
         assert inits[q.input[1]].item() == np.float32(FIXED.scale)
         assert inits[q.input[2]].dtype == np.uint8 and inits[q.input[2]].item() == FIXED.zero_point
+
+
+def test_prefill_only_export_writes_one_graph_equal_to_the_full_exports(lm_bundle, lm_fp32, tmp_path):
+    result = export_onnx(lm_bundle, tmp_path / "prefill-only", decode=False)
+    assert set(result.graphs) == {"prefill"}
+    assert sorted(p.name for p in (tmp_path / "prefill-only").iterdir()) == sorted(["prefill.onnx", WEIGHTS_FILE])
+    ids = np.random.default_rng(3).integers(0, 96, (1, 9))
+    alone = onnx_session(result.graphs["prefill"].path).run(None, {"input_ids": ids})
+    paired = onnx_session(lm_fp32.graphs["prefill"].path).run(None, {"input_ids": ids})
+    for got, want in zip(alone, paired, strict=True):
+        np.testing.assert_array_equal(got, want)
