@@ -63,3 +63,20 @@ def test_two_layer_smollm2_through_the_recipe(sliced, tmp_path) -> None:
         verdict = check(onnx_op_stats(result.graphs[role].path), size, None, "snapdragon-8gen3-npu", "onnx-qdq")
         assert verdict.passed, (role, verdict.reasons)
         assert verdict.integer_coverage_count == 1.0 and verdict.integer_coverage_flops == 1.0, role
+
+
+def test_two_layer_smollm2_int8_only_runs_as_pte_with_its_learned_ranges(sliced, tmp_path) -> None:
+    from edgekit.exporters.executorch import export_pte
+    from edgekit.runtime.pte import PteProgram
+
+    recipe = recipes.load("mobilequant-w8a8-int8only", {"samples": "4", "seq_len": "48", "epochs": "1"})
+    calib = calibration_inputs(sliced, None, recipe.settings.samples, recipe.settings.seq_len)
+    quantized = recipe.transform_module().apply(sliced, calib, recipe.settings)
+    ids = ids_from(calibration_inputs(sliced, None, 1, 40, split="eval")[0])
+    result = export_pte(quantized.replace(example_inputs={"input_ids": ids}), tmp_path)
+    logits = PteProgram(result.path, ["input_ids"]).run({"input_ids": ids.numpy()})[0]
+    with torch.no_grad():
+        simulated = quantized.simulated(ids).numpy()
+        folded_float = quantized.module(ids).numpy()
+    assert sqnr_db(simulated, logits) > 20.0
+    assert sqnr_db(simulated, logits) > sqnr_db(folded_float, logits)  # it runs the quantized model
