@@ -90,6 +90,7 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=8192)
     parser.add_argument("--rows", default=",".join(ROWS))
     parser.add_argument("--latency-rounds", type=int, default=3)
+    parser.add_argument("--merge", action="store_true", help="keep the result file's rows of methods not re-run")
     parser.add_argument("--pte-rows", default="fp32,mobilequant-w8a8-int8only", help="rows also lowered to .pte")
     args = parser.parse_args()
 
@@ -100,6 +101,7 @@ def main() -> None:
     programs: dict[str, object] = {}
     settings = {"samples": args.samples, "seq_len": args.seq_len, "epochs": args.epochs, "batch_size": args.batch_size}
     rows: list[dict] = []
+    kept = _kept_rows(args) if args.merge else []
     sessions = {}
     with tempfile.TemporaryDirectory(prefix="edgekit-mq-bench-") as tmp:
         for row_name in args.rows.split(","):
@@ -174,8 +176,8 @@ def main() -> None:
                 json.dumps({k: row[k] for k in ("method", "perplexity", "bytes", "calibration_seconds")}),
                 file=sys.stderr,
             )
-            _write(args, rows)
-    _write(args, rows)
+            _write(args, kept, rows)
+    rows = _write(args, kept, rows)
     header = ("method", "W/A bits", "ppl", "× fp32", "sim ppl", "MB", "size ×", "prefill ×", "calib s", "int cov")
     print(" | ".join(header))
     for row in rows:
@@ -244,10 +246,22 @@ def _pte_row(transformed, out: Path, tokens: np.ndarray, programs: dict, row_nam
     return facts
 
 
-def _write(args, rows: list[dict]) -> None:
+def _kept_rows(args) -> list[dict]:
+    """Rows of an earlier run for methods this run does not measure (each with its own budget)."""
+    if not RESULTS.exists():
+        return []
+    earlier = json.loads(RESULTS.read_text())
+    rerun = set(args.rows.split(","))
+    return [{"budget": earlier.get("budget"), **row} for row in earlier["rows"] if row["method"] not in rerun]
+
+
+def _write(args, kept: list[dict], rows: list[dict]) -> list[dict]:
+    """Write every row in ROWS order; rows measured in this run carry this run's budget."""
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     budget = {k: v for k, v in vars(args).items()}
-    RESULTS.write_text(json.dumps({"model": "smollm2-135m", "budget": budget, "rows": rows}, indent=2))
+    merged = sorted(kept + [{"budget": budget, **row} for row in rows], key=lambda row: list(ROWS).index(row["method"]))
+    RESULTS.write_text(json.dumps({"model": "smollm2-135m", "rows": merged}, indent=2))
+    return merged
 
 
 if __name__ == "__main__":
