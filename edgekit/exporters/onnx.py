@@ -1233,6 +1233,9 @@ def save_sharing_weights(models: dict[str, onnx.ModelProto], out_dir: Path, weig
     return weights_path
 
 
+_PACKED_4BIT = (TensorProto.INT4, TensorProto.UINT4)
+
+
 @dataclass(frozen=True)
 class _Stored:
     """Where one initializer's bytes sit in the shared weights file."""
@@ -1253,6 +1256,8 @@ def _stored_transpose(
 ) -> _Stored | None:
     """The stored matrix whose transpose ``tensor`` is, if any (checked only when the shapes fit)."""
     if len(tensor.dims) != 2 or not matrices.get((tensor.data_type, tuple(reversed(tensor.dims)))):
+        return None
+    if tensor.data_type in _PACKED_4BIT:  # two values per byte: the bytes are not the matrix
         return None
     dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
     transposed = np.ascontiguousarray(np.frombuffer(data, dtype=dtype).reshape(tuple(tensor.dims)).T).tobytes()

@@ -84,3 +84,28 @@ def test_a_matrix_that_only_looks_transposed_is_kept(tmp_path: Path) -> None:
     np.testing.assert_allclose(
         onnx_session(tmp_path / "head.onnx").run(None, {"hidden": hidden})[0], hidden @ other.T, rtol=1e-5, atol=1e-4
     )
+
+
+def test_square_int4_weights_are_stored_each_as_is(tmp_path: Path) -> None:
+    """Packed int4 bytes (two values per byte) are not a matrix to transpose; W4A8 has square ones."""
+    side = 64
+    generator = np.random.default_rng(2)
+    weights = [generator.integers(-8, 8, (side, side)).astype(np.int8) for _ in range(2)]
+    weights[1] = np.ascontiguousarray(weights[0].T)  # a transposed twin: int4 keeps both copies
+    initializers = [
+        helper.make_tensor(f"w{i}", TensorProto.INT4, [side, side], w.flatten().tolist()) for i, w in enumerate(weights)
+    ]
+    scale = numpy_helper.from_array(np.array(0.5, dtype=np.float32), "scale")
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, side])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, side])
+    nodes = [
+        helper.make_node("DequantizeLinear", ["w0", "scale"], ["d0"]),
+        helper.make_node("DequantizeLinear", ["w1", "scale"], ["d1"]),
+        helper.make_node("MatMul", ["x", "d0"], ["h"]),
+        helper.make_node("MatMul", ["h", "d1"], ["y"]),
+    ]
+    save_sharing_weights({"int4": _model(nodes, [x], [y], [*initializers, scale])}, tmp_path, "weights.bin")
+    value = np.random.default_rng(3).standard_normal((1, side)).astype(np.float32)
+    got = onnx_session(tmp_path / "int4.onnx").run(None, {"x": value})[0]
+    want = value @ (0.5 * weights[0].astype(np.float32)) @ (0.5 * weights[1].astype(np.float32))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
