@@ -348,28 +348,28 @@ def _export_lm(
             anchors=bundle.meta.get("range_anchors", ()),
         )
         notes += q_notes
-    if spec is not None and decode:
-        decode_overrides, o_notes = _overrides_by_module(prefill_fp32, spec.overrides, "model.")
-        notes += o_notes
-        say("building decode calibration feeds from the fp32 prefill graph")
-        decode_feeds = decode_calibration_feeds(prefill_fp32, samples, layers)
-        say(f"quantizing decode to QDQ on {len(decode_feeds)} decode steps")
-        decode_src = tmp / "decode-qdq" / "decode.onnx"
-        decode_quant, d_notes = quantize_qdq(
-            decode_fp32,
-            decode_src,
-            spec,
-            decode_feeds,
-            tmp / "work-decode",
-            scope_prefix="model.",
-            overrides=decode_overrides,
-        )
-        notes += [f"decode: {n}" for n in d_notes]
-        quantization["decode_calibration"] = (
-            "decode graph calibrated on its own inputs: each calibration text is prefilled (fp32 graph) "
-            "on a prefix and the next tokens are decoded against that KV cache"
-        )
-        quantization["decode_steps"] = decode_quant.get("samples", len(decode_feeds))
+        if decode:
+            decode_overrides, o_notes = _overrides_by_module(prefill_fp32, spec.overrides, "model.")
+            notes += o_notes
+            say("building decode calibration feeds from the fp32 prefill graph")
+            decode_feeds = decode_calibration_feeds(prefill_fp32, samples, layers)
+            say(f"quantizing decode to QDQ on {len(decode_feeds)} decode steps")
+            decode_src = tmp / "decode-qdq" / "decode.onnx"
+            decode_quant, d_notes = quantize_qdq(
+                decode_fp32,
+                decode_src,
+                spec,
+                decode_feeds,
+                tmp / "work-decode",
+                scope_prefix="model.",
+                overrides=decode_overrides,
+            )
+            notes += [f"decode: {n}" for n in d_notes]
+            quantization["decode_calibration"] = (
+                "decode graph calibrated on its own inputs: each calibration text is prefilled (fp32 graph) "
+                "on a prefix and the next tokens are decoded against that KV cache"
+            )
+            quantization["decode_steps"] = decode_quant.get("samples", len(decode_feeds))
     sources = {"prefill": prefill_src, "decode": decode_src} if decode else {"prefill": prefill_src}
     say(f"writing {' + '.join(f'{role}.onnx' for role in sources)} sharing {WEIGHTS_FILE}")
     models = {role: onnx.load(str(path), load_external_data=True) for role, path in sources.items()}

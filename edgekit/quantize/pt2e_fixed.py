@@ -36,16 +36,18 @@ _DATA_MOVES = {
 }
 
 
-def module_output_nodes(program: torch.fx.GraphModule, prefix: str = "") -> dict[str, torch.fx.Node]:
+def _module_path(node: torch.fx.Node) -> str:
+    """The innermost module a node was traced in (``""`` outside any submodule)."""
+    return list(node.meta["nn_module_stack"].values())[-1][0]
+
+
+def module_output_nodes(program: torch.fx.GraphModule) -> dict[str, torch.fx.Node]:
     """Module path -> the last node traced inside it (its output), from ``nn_module_stack``."""
     outputs: dict[str, torch.fx.Node] = {}
     for node in program.graph.nodes:  # topological order: the last node of a module wins
         if node.op != "call_function" or not node.meta.get("nn_module_stack"):
             continue
-        path = list(node.meta["nn_module_stack"].values())[-1][0]
-        if prefix and path.startswith(prefix):
-            path = path[len(prefix) :]
-        parts = path.split(".")
+        parts = _module_path(node).split(".")
         for depth in range(1, len(parts) + 1):
             outputs[".".join(parts[:depth])] = node
     return outputs
@@ -58,12 +60,15 @@ def fixed_range_program(
     program to lower to XNNPACK. Norm weights are stored at ``spec.norm_weight_bits`` values."""
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-    sixteen = sorted(path for path, fixed in {**spec.overrides, **spec.lookup_overrides}.items() if fixed.bits != 8)
+    sites = {**spec.overrides, **spec.lookup_overrides}
+    sixteen = sorted(path for path, fixed in sites.items() if fixed.bits != 8)
     if sixteen:
         raise EdgekitError(
             f"XNNPACK runs 8-bit activations only, and this plan fixes {len(sixteen)} sites at 16 bits "
             f"(e.g. {sixteen[0]}): export it as ONNX, or use the int8-only recipe for .pte"
         )
+    if spec.weight_bits != 8:
+        raise EdgekitError(f"XNNPACK runs 8-bit weights; this plan has {spec.weight_bits}-bit weights")
     module = copy.deepcopy(module).eval()
     if spec.fuse_rms_norm:
         _quantize_norm_weights(module, spec.norm_weight_bits)
@@ -73,7 +78,7 @@ def fixed_range_program(
         from edgekit.quantize.ptq import strip_noop_conversions
 
         strip_noop_conversions(program)
-        prepared = prepare_pt2e(program, _quantizer(spec))
+        prepared = prepare_pt2e(program, _quantizer(spec, sites))
         prepared(**example)  # weight observers see their weights; activations are fixed
         return convert_pt2e(prepared)
 
@@ -100,13 +105,13 @@ def _fixed_spec(fixed: TensorOverride):
     )
 
 
-def _quantizer(spec: QuantSpec):
-    """A pt2e quantizer that annotates the overridden module outputs (fixed) and the linear weights."""
+def _quantizer(spec: QuantSpec, sites: Mapping[str, TensorOverride]):
+    """A pt2e quantizer that annotates the ``sites`` module outputs (fixed) and the linear weights."""
     from torchao.quantization.pt2e.quantizer import Quantizer
 
     class FixedRange(Quantizer):
         def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
-            _annotate(model, spec)
+            _annotate(model, spec, sites)
             return model
 
         def validate(self, model: torch.fx.GraphModule) -> None:
@@ -115,15 +120,12 @@ def _quantizer(spec: QuantSpec):
     return FixedRange()
 
 
-def _annotate(model: torch.fx.GraphModule, spec: QuantSpec) -> None:
+def _annotate(model: torch.fx.GraphModule, spec: QuantSpec, sites: Mapping[str, TensorOverride]) -> None:
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import get_symmetric_quantization_config
     from torchao.quantization.pt2e.quantizer import QuantizationAnnotation
     from torchao.quantization.pt2e.quantizer.quantizer import Q_ANNOTATION_KEY
 
-    if spec.weight_bits != 8:
-        raise EdgekitError(f"XNNPACK runs 8-bit weights; this plan has {spec.weight_bits}-bit weights")
     outputs = module_output_nodes(model)
-    sites = {**spec.overrides, **spec.lookup_overrides}
     prefix = _common_prefix(outputs, sites)
     missing = [path for path in sites if prefix + path not in outputs]
     if missing:
@@ -140,7 +142,7 @@ def _annotate(model: torch.fx.GraphModule, spec: QuantSpec) -> None:
     for node in model.graph.nodes:
         inputs = {}
         if node.op == "call_function" and node.target == _LINEAR:
-            path = list(node.meta["nn_module_stack"].values())[-1][0].removeprefix(prefix)
+            path = _module_path(node).removeprefix(prefix)
             per_channel = spec.weight_per_channel or any(fnmatch(path, p) for p in spec.per_channel_modules)
             inputs[node.args[1]] = weights[per_channel]
         if node in fixed or inputs:
