@@ -64,7 +64,9 @@ def perplexity(
     ``logits_fn(ids[1, L]) -> logits[1, L, V]``. Each window of ``window`` tokens starts ``stride``
     after the previous one; only tokens not scored by an earlier window count (the first window
     scores all but its first token), so every token after the first is scored exactly once with
-    at least ``window - stride`` tokens of context (except at the start).
+    at least ``window - stride`` tokens of context (except at the start). Every window is full
+    length (the last one ends at the stream's end and reaches back ``window`` tokens), so a
+    static-shape program (an ExecuTorch .pte) can be scored like a dynamic one.
     """
     if stride <= 0 or stride > window:
         raise ValueError("need 0 < stride <= window")
@@ -74,6 +76,7 @@ def perplexity(
     total_nll, scored, previous_end = 0.0, 0, 0
     for start in range(0, ids.size - 1, stride):
         end = min(start + window, ids.size)
+        start = max(end - window, 0)
         chunk = ids[start:end]
         logprobs = log_softmax(np.asarray(logits_fn(chunk[None, :]))[0])
         first_new = max(previous_end - start, 1)

@@ -214,11 +214,12 @@ def verify(
 
     session = load_bundle(directory, fmt)
     graph = session.graph("prefill" if "prefill" in session.graphs else "main")
+    simulated = bundle.simulated_for(fmt)
     float_outputs, simulated_outputs, runtime_outputs = [], [], []
     for feeds in samples:
         fitted = _fit_to_graph(feeds, graph)
         float_outputs.append(torch_output(_float_module(bundle), fitted))
-        simulated_outputs.append(torch_output(bundle.simulated or bundle.module, fitted))
+        simulated_outputs.append(torch_output(simulated, fitted))
         runtime_outputs.append(next(iter(session.run(fitted, graph=None).values())))
     stacked = [np.concatenate(outputs, axis=0) for outputs in (float_outputs, simulated_outputs, runtime_outputs)]
     float_out, simulated_out, runtime_out = stacked
@@ -279,7 +280,13 @@ def evaluate_quality(bundle: ModelBundle, directory: Path, fmt: str, count: int)
         window = graph.inputs[0].shape[1] if static else 256
         float_ppl = perplexity(lambda ids: torch_output(bundle.module, {"input_ids": ids}), tokens, window, window // 2)
         export_ppl = perplexity(lambda ids: session.run({"input_ids": ids})["logits"], tokens, window, window // 2)
-        return {"metric": "perplexity", "tokens": int(len(tokens)), "float": float_ppl, "export": export_ppl}
+        return {
+            "metric": "perplexity",
+            "tokens": int(len(tokens)),
+            "window": int(window),
+            "float": float_ppl,
+            "export": export_ppl,
+        }
     items = datasets.items(bundle.dataset, "eval", count)
     float_outs, export_outs, targets = [], [], []
     for item in track(items, f"evaluating {fmt} on {bundle.dataset}"):

@@ -336,6 +336,7 @@ def _export_lm(
         assert calib is not None
         samples = calib[: spec.samples]
         plan = f"w{spec.weight_bits}/a{spec.activation_bits}"
+        op_types = bundle.meta.get("onnx_op_types")  # ptq's gemm-inputs scope
         say(f"quantizing prefill to QDQ ({plan}) on {len(samples)} samples")
         prefill_src = tmp / "prefill-qdq" / "prefill.onnx"
         quantization, q_notes = quantize_qdq(
@@ -345,7 +346,9 @@ def _export_lm(
             samples,
             tmp / "work-prefill",
             scope_prefix="model.",
+            op_types=op_types,
             anchors=bundle.meta.get("range_anchors", ()),
+            edges_only=op_types is not None,
         )
         notes += q_notes
         if decode:
@@ -363,6 +366,8 @@ def _export_lm(
                 tmp / "work-decode",
                 scope_prefix="model.",
                 overrides=decode_overrides,
+                op_types=op_types,
+                edges_only=op_types is not None,
             )
             notes += [f"decode: {n}" for n in d_notes]
             quantization["decode_calibration"] = (
@@ -823,12 +828,24 @@ def float_for_other_consumers(path: Path, op_types: Sequence[str]) -> int:
             if name in float_of:
                 node.input[index] = float_of[name]
                 rewired += 1
-    outputs = {output.name for output in model.graph.output}
-    if outputs & set(float_of):
-        raise EdgekitError("a graph output is a dequantized activation; cannot keep it float")
+    for name in sorted({output.name for output in model.graph.output} & set(float_of)):
+        _output_float_value(model, name, float_of[name])
+        rewired += 1
     if rewired:
         onnx.save_model(model, str(path))
     return rewired
+
+
+def _output_float_value(model: onnx.ModelProto, output: str, float_name: str) -> None:
+    """Make graph output ``output`` (a DequantizeLinear's result) carry the float tensor it was
+    quantized from: the output keeps its name, the dequantized copy gets a new one."""
+    dequantized = f"{output}_DequantizeLinear_Output"
+    renames = {output: dequantized, float_name: output}
+    for node in model.graph.node:
+        for index, name in enumerate(node.input):
+            node.input[index] = renames.get(name, name)
+        for index, name in enumerate(node.output):
+            node.output[index] = renames.get(name, name)
 
 
 def _restore_metadata(path: Path, exported: onnx.ModelProto) -> None:

@@ -42,6 +42,12 @@ class ModelBundle:
     def input_names(self) -> list[str]:
         return list(self.example_inputs)
 
+    def simulated_for(self, fmt: str) -> torch.nn.Module:
+        """The torch twin of what format ``fmt`` computes. A transform may lower a different
+        program per format (``ptq`` under the gemm-inputs scope: the .pte runs XNNPACK's dynamic
+        int8 linears), kept in ``meta["simulated_by_format"]``; else the one simulated model."""
+        return self.meta.get("simulated_by_format", {}).get(fmt) or self.simulated or self.module
+
     def replace(self, **changes: Any) -> ModelBundle:
         return dataclasses.replace(self, **changes)
 

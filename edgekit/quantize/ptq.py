@@ -582,8 +582,8 @@ def apply(bundle: ModelBundle, data: Sequence[Mapping[str, Any]], config: Config
     for the ExecuTorch exporter so that it lowers these scales instead of recalibrating;
     ``meta["range_anchors"]`` carries the same scales to the ONNX exporter. Under the
     gemm-inputs scope the ONNX file quantizes only ``meta["onnx_op_types"]`` (the simulated
-    model's arithmetic exactly) and the .pte lowers :func:`dynamic_program` instead, which
-    verification holds to the float-gap criterion against the same simulated model.
+    model's arithmetic exactly) and the .pte lowers :func:`dynamic_program` instead, which is
+    then the .pte's simulated model in verification (``meta["simulated_by_format"]``).
     """
     spec = spec_from_config(config)
     samples = list(data)[: config.samples]
@@ -596,6 +596,7 @@ def apply(bundle: ModelBundle, data: Sequence[Mapping[str, Any]], config: Config
     meta["range_anchors"] = anchors
     if gemm_inputs:
         meta["onnx_op_types"] = list(GEMM_OP_TYPES)
+        meta["simulated_by_format"] = {"pte": meta["pt2e_program"]}
     meta["ptq"] = {
         "activations": scope,
         "samples_used": len(samples),
