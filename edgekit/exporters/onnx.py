@@ -30,7 +30,7 @@ import os
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
 from pathlib import Path
@@ -664,7 +664,11 @@ def quantize_qdq(
         onnx.save_model(model, str(pre))  # the quantizer selects nodes by name
     present = {node.op_type for node in model.graph.node} - _NOT_QUANTIZED - set(spec.float_ops)
     op_types = sorted(present if op_types is None else present & set(op_types))
-    excluded = sorted(shape_only_nodes(model))
+    excluded = shape_only_nodes(model)
+    if edges_only:  # a Gather quantizes its lookup table (an initializer); one on activations stays float
+        tables = {init.name for init in model.graph.initializer}
+        excluded |= {n.name for n in model.graph.node if n.op_type == "Gather" and n.input[0] not in tables}
+    excluded = sorted(excluded)
     # ORT folds a Relu/Clip into the range of the tensor before it (better for accuracy), which
     # would discard a fixed range given for that tensor: keep those activations explicit then.
     activation_inputs = {n.input[0] for n in model.graph.node if n.op_type in ("Relu", "Clip")}
@@ -730,9 +734,9 @@ def quantize_qdq(
             calibration_cache_path=str(cache),
         )
     _restore_metadata(out_path, exported)
-    unquantized = float_gather_outputs(out_path)
+    unquantized = float_gather_outputs(out_path, fixed)
     if unquantized:
-        notes.append(f"{unquantized} Gather output(s) of a per-channel table left float")
+        notes.append(f"{unquantized} Gather output(s) of a per-channel table left float or given their pt2e range")
     if edges_only:
         rewired = float_for_other_consumers(out_path, op_types)
         notes.append(f"{rewired} float consumers of quantized activations read them unquantized")
@@ -753,15 +757,18 @@ def quantize_qdq(
     return summary, notes
 
 
-def float_gather_outputs(path: Path) -> int:
+def float_gather_outputs(path: Path, fixed: Mapping[str, TensorOverride] | None = None) -> int:
     """Drop the Q/DQ pair onnxruntime puts on a Gather's output when the table is per-channel.
 
     onnxruntime's quantizer gives a Gather's output its table's quantization parameters. A table
     quantized per channel (a tied embedding, per-channel for the LM head's MatMul) has one scale per
     vocabulary row, which means nothing for the gathered activation: the QuantizeLinear fails at
     run time ("For per axis quantization, scale must be 1D tensor with size ..."). The Gather then
-    feeds its consumers float (the table stays stored once, in 8 bits). Returns the pairs removed.
+    feeds its consumers float (the table stays stored once, in 8 bits); an output with a range in
+    ``fixed`` (a pt2e quantization point: the embedding feeds a linear layer) keeps its pair with
+    that range instead. Returns the pairs removed or re-ranged.
     """
+    fixed = fixed or {}
     model = onnx.load(str(path), load_external_data=False)
     graph = model.graph
     nodes = list(graph.node)
@@ -777,11 +784,16 @@ def float_gather_outputs(path: Path) -> int:
 
     dropped: set[int] = set()
     rewire: dict[str, str] = {}
+    reranged = 0
     for gather in nodes:
         if gather.op_type != "Gather" or not per_axis(producers.get(gather.input[0]), "DequantizeLinear"):
             continue
         for quantize in consumers.get(gather.output[0], []):
             if not per_axis(quantize, "QuantizeLinear"):
+                continue
+            if gather.output[0] in fixed:
+                _set_pair_range(graph, nodes, quantize, consumers, fixed[gather.output[0]])
+                reranged += 1
                 continue
             dropped.add(quantize)
             for dequantize in consumers.get(nodes[quantize].output[0], []):
@@ -789,7 +801,9 @@ def float_gather_outputs(path: Path) -> int:
                     rewire[nodes[dequantize].output[0]] = gather.output[0]
                     dropped.add(dequantize)
     if not dropped:
-        return 0
+        if reranged:
+            onnx.save_model(model, str(path))
+        return reranged
     if {output.name for output in graph.output} & set(rewire):
         raise EdgekitError("a graph output is a per-channel-quantized Gather; cannot keep it float")
     kept = [node for index, node in enumerate(nodes) if index not in dropped]
@@ -798,7 +812,26 @@ def float_gather_outputs(path: Path) -> int:
     del graph.node[:]
     graph.node.extend(kept)
     onnx.save_model(model, str(path))
-    return sum(1 for index in dropped if nodes[index].op_type == "QuantizeLinear")
+    return reranged + sum(1 for index in dropped if nodes[index].op_type == "QuantizeLinear")
+
+
+def _set_pair_range(
+    graph: onnx.GraphProto, nodes: list, quantize: int, consumers: dict[str, list[int]], fixed: TensorOverride
+) -> None:
+    """Give a QuantizeLinear and its DequantizeLinears ``fixed``'s per-tensor range."""
+    params = _fixed_override(fixed)
+    name = nodes[quantize].output[0]
+    scale, zero = f"{name}_fixed_scale", f"{name}_fixed_zero_point"
+    graph.initializer.extend(
+        [numpy_helper.from_array(params["scale"], scale), numpy_helper.from_array(params["zero_point"], zero)]
+    )
+    for index in [quantize, *consumers.get(name, [])]:
+        node = nodes[index]
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            node.input[1], node.input[2] = scale, zero
+            kept = [attribute for attribute in node.attribute if attribute.name != "axis"]
+            del node.attribute[:]
+            node.attribute.extend(kept)
 
 
 def float_for_other_consumers(path: Path, op_types: Sequence[str]) -> int:

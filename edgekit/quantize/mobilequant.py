@@ -54,6 +54,7 @@ class Config:
     lr_range: float = 1e-3
     lr_range_end: float = 1e-4
     clip_init: float = 4.0  # clipping logit b: bound = sigmoid(b) * max|W|
+    max_grad_norm: float = 0.0  # > 0: clip the global gradient norm (int8-only's gradients reach 1e36)
     seed: int = 0
 
 
@@ -139,8 +140,11 @@ def quantize_llama(
     facts: dict[str, object] = {"batches": len(batches), "samples": sum(len(b) for b in batches)}
     facts["mse_init"] = hidden_mse(model, batches, targets)
     if config.learn and config.epochs > 0:
-        history = optimise(model, batches, targets, config.epochs, schedule_of(config), show_progress)
+        history = optimise(
+            model, batches, targets, config.epochs, schedule_of(config), show_progress, config.max_grad_norm
+        )
         facts["steps"] = history["steps"]
+        facts["skipped_steps"] = history["skipped"]
         facts["loss_first"] = history["losses"][0] if history["losses"] else None
         facts["loss_last"] = history["losses"][-1] if history["losses"] else None
     facts["mse_final"] = hidden_mse(model, batches, targets)

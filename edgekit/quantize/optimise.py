@@ -48,8 +48,16 @@ def optimise(
     epochs: int,
     schedule: Schedule = Schedule(),
     show_progress: bool = True,
+    max_grad_norm: float = 0.0,
 ) -> dict[str, object]:
-    """Train the simulated model in place; returns the loss history and timing."""
+    """Train the simulated model in place; returns the loss history, skipped steps and timing.
+
+    A step whose gradient is not finite is skipped (and counted) instead of writing NaN into every
+    parameter: with an 8-bit residual stream (int8-only on SmolLM2, whose residual range is ~25,000)
+    most tokens' residual rounds to zero, RMSNorm's backward through 30 such layers overflows
+    float32 (activation-scale gradients ~1e36 at the first step, NaN at the second).
+    ``max_grad_norm`` > 0 clips the global gradient norm first.
+    """
     model.set_quant(weights=True, acts=True)
     groups = []
     # The range learning rates are for 8-bit sites; a 16-bit site's scale is 257x finer, so its
@@ -71,7 +79,9 @@ def optimise(
     history: list[float] = []
     started = time.perf_counter()
     if not groups or epochs <= 0 or not batches:
-        return {"losses": history, "steps": 0, "seconds": 0.0}
+        return {"losses": history, "steps": 0, "skipped": 0, "seconds": 0.0}
+    trained = [p for group, _ in groups for p in group["params"]]
+    skipped = 0
     optimiser = torch.optim.AdamW([g for g, _ in groups], weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, [f for _, f in groups])
     total = epochs * len(batches)
@@ -83,17 +93,22 @@ def optimise(
                 loss = torch.nn.functional.mse_loss(model.hidden_state(input_ids), target)
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
-                optimiser.step()
-                scheduler.step()
                 value = float(loss.detach())
                 if not math.isfinite(value):
                     raise RuntimeError(f"MobileQuant loss became {value} at epoch {epoch}")
+                norm = torch.nn.utils.clip_grad_norm_(trained, max_grad_norm if max_grad_norm > 0 else math.inf)
+                if torch.isfinite(norm):
+                    optimiser.step()
+                else:
+                    skipped += 1
+                scheduler.step()
                 history.append(value)
                 running = value if running is None else 0.9 * running + 0.1 * value
-                progress.update(task, advance=1, status=f"epoch {epoch + 1}/{epochs} loss {running:.4g}")
+                status = f"epoch {epoch + 1}/{epochs} loss {running:.4g}" + (f" skipped {skipped}" if skipped else "")
+                progress.update(task, advance=1, status=status)
     for p in model.parameters():
         p.requires_grad_(False)
-    return {"losses": history, "steps": len(history), "seconds": time.perf_counter() - started}
+    return {"losses": history, "steps": len(history), "skipped": skipped, "seconds": time.perf_counter() - started}
 
 
 @torch.no_grad()

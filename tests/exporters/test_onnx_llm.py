@@ -182,20 +182,23 @@ def test_prefill_only_export_writes_one_graph_equal_to_the_full_exports(lm_bundl
 def test_ptq_lm_quantizes_only_matmul_inputs_and_computes_the_simulated_model(lm_bundle, tmp_path):
     """ptq's gemm-inputs scope reaches both LM graphs: norms, softmax, residual adds and the KV
     cache outputs stay float, as in the pt2e program (all-int8 put the file 9 dB from float on
-    SmolLM2's first two layers, where the simulated model is 24 dB)."""
+    SmolLM2's first two layers, where the simulated model is 24 dB); the token table is int8 in
+    both the file and the simulated model."""
     from edgekit.quantize import ptq
 
     generator = torch.Generator().manual_seed(6)
     calib = [{"input_ids": torch.randint(0, 96, (1, 8), generator=generator).numpy()} for _ in range(8)]
     quantized = ptq.apply(lm_bundle, calib, ptq.Config(samples=8))
     export = export_onnx(quantized, tmp_path, calib)
-    assert export.quantization["quantized_op_types"] == ["MatMul"]
+    assert export.quantization["quantized_op_types"] == ["Gather", "MatMul"]
     for role in ("prefill", "decode"):
         model = onnx.load(str(export.graphs[role].path), load_external_data=False)
         producers = {out: node.op_type for node in model.graph.node for out in node.output}
         assert all(producers[output.name] != "DequantizeLinear" for output in model.graph.output)
         readers = {n.op_type for n in model.graph.node for i in n.input if producers.get(i) == "DequantizeLinear"}
-        assert readers <= {"MatMul", "Transpose", "Reshape"}, readers
+        assert readers <= {"MatMul", "Gather", "Transpose", "Reshape"}, readers
+        # the embedding table is stored int8 (per row) and looked up through its DequantizeLinear
+        assert any(n.op_type == "Gather" and producers.get(n.input[0]) == "DequantizeLinear" for n in model.graph.node)
     ids = calib[0]["input_ids"]
     runtime = onnx_session(export.graphs["prefill"].path).run(None, {"input_ids": ids})
     with torch.no_grad():

@@ -116,6 +116,33 @@ def test_weight_fake_quant_matches_onnxruntime_weight_quantization(bits) -> None
         np.testing.assert_allclose(quant(weight)[row].detach().numpy(), expected, rtol=1e-5, atol=1e-6)
 
 
+def test_a_step_with_a_non_finite_gradient_is_skipped_not_applied(float_model) -> None:
+    """int8-only on SmolLM2 overflowed RMSNorm's backward at its second step and wrote NaN into
+    every parameter; such a step is now skipped and counted, and training goes on."""
+    from edgekit.quantize.optimise import float_targets, optimise
+
+    model = QuantLlama(float_model, Bits())
+    model.set_quant(weights=True, acts=False).observe(True)
+    batches = [ids(seed=s) for s in (1, 2, 3)]
+    with torch.no_grad():
+        for batch in batches:
+            model.prefill(batch)
+    model.observe(False)
+    model.init_ranges()
+    targets = float_targets(model, batches)
+    poisoned = model.transforms[0].attn
+    calls = []
+
+    def overflow_once(grad: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        return grad * float("inf") if len(calls) == 2 else grad
+
+    poisoned.requires_grad_(True).register_hook(overflow_once)
+    history = optimise(model, batches, targets, epochs=1, show_progress=False, max_grad_norm=1.0)
+    assert history["steps"] == 3 and history["skipped"] == 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 def test_optimisation_trains_every_parameter_group(float_model) -> None:
     config = mobilequant.Config(samples=6, seq_len=24, epochs=2, batch_size=2)
     model, facts = mobilequant.quantize_llama(float_model, calib(), config, show_progress=False)

@@ -246,7 +246,7 @@ def test_transformers_keep_their_residual_stream_float() -> None:
     auto = ptq.apply(bundle, calib, ptq.Config(samples=8))
     full = ptq.apply(bundle, calib, ptq.Config(samples=8, activations="all"))
     assert auto.meta["ptq"]["activations"] == "gemm-inputs" and full.meta["ptq"]["activations"] == "all"
-    assert auto.meta["onnx_op_types"] == ["MatMul", "Gemm"] and "onnx_op_types" not in full.meta
+    assert auto.meta["onnx_op_types"] == ["MatMul", "Gemm", "Gather"] and "onnx_op_types" not in full.meta
     # every int8 activation feeds a linear layer or a matmul: norms, adds, softmax, mask stay float
     dequantize = torch.ops.quantized_decomposed.dequantize_per_tensor.default
     gemms = {"aten.linear.default", "aten.matmul.default", "aten.bmm.default"}
@@ -277,7 +277,7 @@ def test_transformer_onnx_file_computes_the_simulated_model(tmp_path) -> None:
     calib, probe = _bert_data(8, 0), _bert_data(4, 1)
     quantized = ptq.apply(bundle, calib, ptq.Config(samples=8))
     export = export_onnx(quantized, tmp_path, calib)
-    assert export.quantization["quantized_op_types"] == ["MatMul"]
+    assert export.quantization["quantized_op_types"] == ["Gather", "MatMul"]
     assert export.quantization["ranges_from_pt2e"] == 16  # every pt2e quantization point located
     session = onnx_session(export.main.path)
     runtime = np.concatenate([session.run(None, sample)[0] for sample in probe])
