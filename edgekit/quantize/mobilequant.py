@@ -116,6 +116,18 @@ def quant_spec(model: QuantLlama, config: Config, samples: int) -> QuantSpec:
     )
 
 
+@torch.no_grad()
+def minmax_ranges(model: QuantLlama, batches: Sequence[torch.Tensor]) -> None:
+    """Every activation site's range from the observed min/max (weights already fake-quantized,
+    so downstream sites see their effect): the starting point the optimisation learns from."""
+    model.set_quant(weights=True, acts=False)
+    model.observe(True)
+    for input_ids in batches:
+        model.prefill(input_ids)
+    model.observe(False)
+    model.init_ranges()
+
+
 def quantize_llama(
     float_model: CausalLMWithCache, data: Sequence[dict[str, np.ndarray]], config: Config, show_progress: bool = True
 ) -> tuple[QuantLlama, dict[str, object]]:
@@ -128,14 +140,7 @@ def quantize_llama(
     batches = batches_of(data, config.batch_size)
     if config.smoothquant_alpha > 0:
         smoothquant_init(model, batches, config.smoothquant_alpha)
-    # MinMax ranges (weights already fake-quantized, so downstream sites see their effect)
-    model.set_quant(weights=True, acts=False)
-    model.observe(True)
-    with torch.no_grad():
-        for input_ids in batches:
-            model.prefill(input_ids)
-    model.observe(False)
-    model.init_ranges()
+    minmax_ranges(model, batches)
     targets = float_targets(model, batches)
     facts: dict[str, object] = {"batches": len(batches), "samples": sum(len(b) for b in batches)}
     facts["mse_init"] = hidden_mse(model, batches, targets)

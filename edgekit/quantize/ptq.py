@@ -419,20 +419,30 @@ def _anchors(
         if qscheme not in _PER_TENSOR + _PER_CHANNEL:
             continue
         scale, zero_point = observer.calculate_qparams()
-        flat = tensor.float().reshape(-1).numpy()
-        positions = np.unique(np.linspace(0, flat.size - 1, min(flat.size, ANCHOR_POINTS)).astype(np.int64))
-        anchors.append(
-            RangeAnchor(
-                shape=tuple(tensor.shape),
-                positions=positions,
-                values=flat[positions].copy(),
-                scale=scale.detach().float().reshape(-1).numpy().copy(),
-                zero_point=zero_point.detach().reshape(-1).numpy().astype(np.int64),
-                axis=int(observer.ch_axis) if qscheme in _PER_CHANNEL else None,
-                sample=None if is_weight else sample,
-            )
-        )
+        axis = int(observer.ch_axis) if qscheme in _PER_CHANNEL else None
+        anchors.append(_anchor(tensor, scale, zero_point, axis, None if is_weight else sample))
     return anchors
+
+
+def _anchor(
+    tensor: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    axis: int | None,
+    sample: Mapping[str, np.ndarray] | None,
+) -> RangeAnchor:
+    """``tensor``'s quantization as a :class:`RangeAnchor`, recognisable by ``ANCHOR_POINTS`` of its values."""
+    flat = tensor.detach().float().reshape(-1).numpy()
+    positions = np.unique(np.linspace(0, flat.size - 1, min(flat.size, ANCHOR_POINTS)).astype(np.int64))
+    return RangeAnchor(
+        shape=tuple(tensor.shape),
+        positions=positions,
+        values=flat[positions].copy(),
+        scale=scale.detach().float().reshape(-1).numpy().copy(),
+        zero_point=zero_point.detach().reshape(-1).numpy().astype(np.int64),
+        axis=axis,
+        sample=sample,
+    )
 
 
 _CONVERSIONS = {"aten.to.dtype", "aten.to.dtype_layout", "aten._to_copy.default", "aten.alias.default"}
@@ -632,18 +642,7 @@ def quantize_lookup_tables(program: torch.fx.GraphModule) -> list[RangeAnchor]:
         scale = (table.abs().amax(dim=1) / 127.0).clamp_min(2**-12)
         rounded = torch.clamp(torch.round(table / scale[:, None]), -127, 127) * scale[:, None]
         setattr(owner, attribute, torch.nn.Parameter(rounded, requires_grad=False))
-        flat = table.float().reshape(-1).numpy()
-        positions = np.unique(np.linspace(0, flat.size - 1, min(flat.size, ANCHOR_POINTS)).astype(np.int64))
-        anchors.append(
-            RangeAnchor(
-                shape=tuple(table.shape),
-                positions=positions,
-                values=flat[positions].copy(),
-                scale=scale.float().numpy().copy(),
-                zero_point=np.zeros(scale.numel(), dtype=np.int64),
-                axis=0,
-            )
-        )
+        anchors.append(_anchor(table, scale, torch.zeros_like(scale, dtype=torch.int64), 0, None))
     return anchors
 
 
