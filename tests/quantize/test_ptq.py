@@ -282,3 +282,23 @@ def test_transformer_onnx_file_computes_the_simulated_model(tmp_path) -> None:
     session = onnx_session(export.main.path)
     runtime = np.concatenate([session.run(None, sample)[0] for sample in probe])
     assert sqnr_db(_outputs(quantized.simulated, probe), runtime) > 80.0
+
+
+def test_the_pte_is_held_to_a_per_row_reference_of_xnnpack_dynamic_linears(tmp_path) -> None:
+    """XNNPACK's dynamic int8 linear takes one range per activation row; torch's reference ops one
+    per tensor. The per-row twin is what the .pte computes, so it is the .pte's simulated model."""
+    from edgekit.exporters.executorch import export_pte
+    from edgekit.runtime.pte import PteProgram
+
+    bundle = _bert_bundle()
+    quantized = ptq.apply(bundle, _bert_data(8, 0), ptq.Config(samples=8))
+    reference = quantized.simulated_for("pte")
+    assert reference is not quantized.meta["pt2e_program"]
+    assert any(node.target is ptq.fake_quantize_rows for node in reference.graph.nodes)
+    result = export_pte(quantized, tmp_path)
+    feeds = {name: tensor.numpy() for name, tensor in bundle.example_inputs.items()}
+    runtime = PteProgram(result.path, list(feeds)).run(feeds)[0]
+    per_row = _outputs(reference, [feeds])
+    per_tensor = _outputs(quantized.meta["pt2e_program"], [feeds])
+    assert sqnr_db(per_row, runtime) > 35.0
+    assert sqnr_db(per_row, runtime) > sqnr_db(per_tensor, runtime) + 5.0
