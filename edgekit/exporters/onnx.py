@@ -266,7 +266,6 @@ def _export_single(
             tmp / "work",
             op_types=op_types,
             anchors=anchors,
-            edges_only=op_types is not None,
         )
         notes += q_notes
     target = final / "model.onnx"
@@ -348,7 +347,6 @@ def _export_lm(
             scope_prefix="model.",
             op_types=op_types,
             anchors=bundle.meta.get("range_anchors", ()),
-            edges_only=op_types is not None,
         )
         notes += q_notes
         if decode:
@@ -367,7 +365,6 @@ def _export_lm(
                 scope_prefix="model.",
                 overrides=decode_overrides,
                 op_types=op_types,
-                edges_only=op_types is not None,
             )
             notes += [f"decode: {n}" for n in d_notes]
             quantization["decode_calibration"] = (
@@ -616,23 +613,23 @@ def quantize_qdq(
     overrides: dict[str, TensorOverride] | None = None,
     op_types: Sequence[str] | None = None,
     anchors: Sequence[Any] = (),
-    edges_only: bool = False,
 ) -> tuple[dict[str, Any], list[str]]:
     """``quant_pre_process`` + one calibration pass + ``quantize_static(QDQ)`` per ``spec``.
 
     ``scope_prefix`` is what the export wrapper adds in front of the bundle's module paths (LM
     graphs are traced through a wrapper). ``overrides`` replaces ``spec.overrides`` (the decode
     graph gets the prefill's overrides translated to module paths). ``op_types`` limits
-    quantization to those op types (default: every op, full-integer). ``anchors`` are ranges a
-    torch-side calibration already chose (``ptq``'s pt2e program), located here by value (see
-    :mod:`edgekit.exporters.onnx_anchors`) and written as fixed overrides. ``edges_only``: an
-    activation is quantized only on its way into the quantized op types; its other consumers read
-    it in float (see :func:`float_for_other_consumers`). Returns a summary for the manifest and
-    notes worth reporting.
+    quantization to those op types (default: every op, full-integer), and then an activation is
+    quantized only on its way into them: its other consumers read it in float (see
+    :func:`float_for_other_consumers`). ``anchors`` are ranges a torch-side calibration already
+    chose (``ptq``'s pt2e program), located here by value (see
+    :mod:`edgekit.exporters.onnx_anchors`) and written as fixed overrides. Returns a summary for
+    the manifest and notes worth reporting.
     """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
     from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
 
+    edges_only = op_types is not None
     work.mkdir(parents=True, exist_ok=True)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     notes: list[str] = []

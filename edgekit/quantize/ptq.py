@@ -640,13 +640,12 @@ def apply(bundle: ModelBundle, data: Sequence[Mapping[str, Any]], config: Config
         bundle.module, bundle.example_inputs, samples, spec, bundle.dynamic_axes, activations=config.activations
     )
     meta = dict(bundle.meta)
-    gemm_inputs = scope == "gemm-inputs"
-    if gemm_inputs:
-        anchors = anchors + quantize_lookup_tables(program)
-    meta["pt2e_program"] = dynamic_program(bundle.module, bundle.example_inputs) if gemm_inputs else program
+    meta["pt2e_program"] = program
     meta["range_anchors"] = anchors
-    if gemm_inputs:
+    if scope == "gemm-inputs":
+        meta["range_anchors"] = anchors + quantize_lookup_tables(program)
         meta["onnx_op_types"] = list(GEMM_OP_TYPES)
+        meta["pt2e_program"] = dynamic_program(bundle.module, bundle.example_inputs)
         meta["simulated_by_format"] = {"pte": per_row_reference(meta["pt2e_program"])}
     meta["ptq"] = {
         "activations": scope,
