@@ -10,7 +10,8 @@ batches of 64, pixels in [0, 1]) and starts from the same trained edge model, th
   on the edge (Adam 1e-3), the reference CEMA compares with;
 * ``cema``: the real edge runtime (the exported adaptable ONNX bundle in onnxruntime, the CEMA
   selector) with the cloud half (``fmnist-foundation`` adapted, student distilled, FIFO replay) on
-  the reference code's schedule (a cloud step per 32 uploaded samples, replay-only steps between);
+  the reference code's schedule (a cloud step per 32 uploaded samples, replay-only steps between,
+  at least two student steps per upload);
   every upload and parameter set goes through the real wire format, whose bytes are counted;
 * ``cema-all``: the same, uploading every sample;
 * ``cema-random`` (a diagnostic control, not a method): the same cloud, but the edge uploads a
@@ -110,8 +111,9 @@ def run_cema(
     """One stream through the edge runtime and the cloud, on the reference code's schedule.
 
     The cloud keeps the uploads it has not learned from and takes one teacher/student step per
-    ``config.cloud_batch`` of them; an edge batch that completes no cloud batch gets one
-    replay-only student step (once the buffer holds ``replay_only_after`` samples). A new
+    ``config.cloud_batch`` of them; replay-only student steps make up each upload's
+    ``student_steps_per_upload`` (once the buffer holds ``replay_only_after`` samples), as the
+    service's worker does. A new
     parameter set goes back after every edge batch that changed the student.
     """
     model = AdaptableModel(bundle)  # fresh: version 0, the trained parameters
@@ -137,15 +139,15 @@ def run_cema(
             _, _, received, _ = wire.decode_samples(body, xb.shape[1:], 8 << 20)
             pending.extend(received)
             replay.add(received)
-        stepped = False
+        steps = 0
         while len(pending) >= config.cloud_batch:
             adapter.step(np.stack(pending[: config.cloud_batch]), replay.sample)
             del pending[: config.cloud_batch]
-            stepped = True
-        if not stepped and len(replay.items) >= config.replay_only_after:
+            steps += 1
+        while keep.any() and steps < config.student_steps_per_upload and len(replay.items) >= config.replay_only_after:
             adapter.replay_step(replay.sample)
-            stepped = True
-        if stepped:
+            steps += 1
+        if steps:
             blob = encode_params(model.version + 1, adapter.student_arrays())
             down_bytes += len(blob)
             version, arrays = decode_params(blob)

@@ -61,6 +61,7 @@ class Worker:
         self.cema_config = cema_config
         self.adapters: dict = {}
         self.arrivals: dict[str, int] = {}  # uploads per device since its last scheduled update
+        self.owed: dict[str, int] = {}  # student steps still due to a device's uploads (worker thread only)
         self._arrivals_lock = threading.Lock()
         self.stop = threading.Event()
         self.steps = 0
@@ -93,8 +94,8 @@ class Worker:
         """One scheduled update for ``device``, as the reference code schedules them.
 
         A full batch of ``cloud_batch`` new samples (or a partial one older than ``max_wait_s``)
-        gives a teacher step and a student step on it plus replay; an upload that completes no
-        batch gives one replay-only student step once the replay buffer holds
+        gives a teacher step and a student step on it plus replay; replay-only student steps make
+        up each upload's ``student_steps_per_upload`` once the replay buffer holds
         ``replay_only_after`` samples, so the student learns at the pace of the edge's uploads
         however few samples each carries. Each update is a new parameter version.
         """
@@ -105,16 +106,17 @@ class Worker:
         ids, blobs, oldest = self.store.pending(device, batch)
         with self._arrivals_lock:
             arrived = self.arrivals.pop(device, 0)
+        owed = self.owed.pop(device, 0) + arrived * adapter.config.student_steps_per_upload
         replay = lambda n: self._decode(self.store.replay(device, n))  # noqa: E731
         if ids and (len(ids) >= batch or time.time() - (oldest or 0.0) >= self.config.max_wait_s):
             adapter.step(self._decode(blobs), replay)
-        elif arrived and self.store.replay_size(device) >= adapter.config.replay_only_after:
+        elif owed and self.store.replay_size(device) >= adapter.config.replay_only_after:
             adapter.replay_step(replay)
             ids = []
-        else:
-            if arrived:  # not acted on yet: keep it for the next pass
-                self.notify(device)
+        else:  # nothing to learn from yet: an upload's steps are not carried past a cold replay buffer
             return False
+        if owed > 1:
+            self.owed[device] = owed - 1
         version = self.store.last_version(device) + 1
         self.store.commit_update(
             device,
@@ -133,7 +135,7 @@ class Worker:
         torch.set_num_threads(1)
         while not self.stop.is_set():
             worked = False
-            for device in self.store.pending_devices():
+            for device in {*self.store.pending_devices(), *self.owed}:
                 try:
                     worked |= self.step(device)
                 except Exception:  # keep serving other devices; the samples stay pending

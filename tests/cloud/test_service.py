@@ -243,8 +243,8 @@ def test_adapt_daemon_stops_cleanly_on_sigterm(service, bundle: Path, tmp_path: 
 
 
 def test_worker_steps_per_cloud_batch_and_replays_between(tmp_path: Path) -> None:
-    """The reference schedule: a full step per 32 new samples; an upload completing no batch gets a
-    replay-only step; a partial batch waits until it is older than ``max_wait_s``."""
+    """The reference schedule: a full step per 32 new samples; replay-only steps make up each
+    upload's two student steps; a partial batch waits until it is older than ``max_wait_s``."""
     import torch
 
     from edgekit.cloud.server import ServiceConfig, Worker
@@ -253,16 +253,20 @@ def test_worker_steps_per_cloud_batch_and_replays_between(tmp_path: Path) -> Non
     torch.set_num_threads(1)
     store = Store(tmp_path / "state.sqlite")
     worker = Worker(store, teacher().module, student().module, SHAPE, ServiceConfig(max_wait_s=3600))
+    assert worker.adapter("d").config.student_steps_per_upload == 2
     store.add_samples("d", "c", np.arange(40), samples(40), np.full(40, 0.3))
     worker.notify("d")
     assert worker.step("d")  # 32 of the 40 learned from
     assert store.counts("d")["pending"] == 8 and store.last_version("d") == 1
+    assert worker.step("d")  # the upload's second step: replay only
+    assert store.counts("d")["pending"] == 8 and store.last_version("d") == 2
     assert not worker.step("d")  # nothing new arrived, and the 8 are not old enough
     store.add_samples("d", "c", np.arange(40, 44), samples(4, seed=1), np.full(4, 0.3))
     worker.notify("d")
-    assert worker.step("d")  # 12 pending < 32: a replay-only step, still a new version
-    assert store.counts("d")["pending"] == 12 and store.last_version("d") == 2
+    assert worker.step("d") and worker.step("d")  # 12 pending < 32: two replay-only steps
+    assert not worker.step("d")
+    assert store.counts("d")["pending"] == 12 and store.last_version("d") == 4
     worker.config.max_wait_s = 0.0
     assert worker.step("d")  # the partial batch has waited long enough
-    assert store.counts("d")["pending"] == 0 and store.last_version("d") == 3
+    assert store.counts("d")["pending"] == 0 and store.last_version("d") == 5
     store.close()
