@@ -18,6 +18,10 @@ from edgekit.vlm import scenes
 
 @pytest.fixture(scope="module")
 def small_vlm() -> vlm.DinoSmolVLM:
+    return _small_vlm()
+
+
+def _small_vlm() -> vlm.DinoSmolVLM:
     from tiny_llama import tiny_llama_config
     from transformers import AutoTokenizer, LlamaForCausalLM
 
@@ -118,3 +122,19 @@ def test_choice_is_the_most_likely_candidate(small_vlm) -> None:
             scores.append(float(torch.log_softmax(logits, -1).gather(1, ids[:, None]).sum()))
     assert answer.choice == scenes.NAMES[int(np.argmax(scores))]
     assert sorted(scores)[-1] - sorted(scores)[-2] > 1e-4  # not decided by rounding
+
+
+def test_training_moves_only_the_projector_and_the_merged_adapters() -> None:
+    from edgekit.vlm.lora import LoraLinear, merge_lora
+
+    model = _small_vlm()
+    frozen = {name: p.detach().clone() for name, p in model.named_parameters() if "projector" not in name}
+    projector = model.projector.weight.detach().clone()
+    record = vlm.train_vlm(model, vlm.TrainBudget(ridge_scenes=2, text_steps=2, steps=1))
+    assert all(np.isfinite(record[f"stage{n}_loss_last_20"]) for n in (2, 3))
+    assert not torch.equal(model.projector.weight, projector)
+    merge_lora(model.lm.hf_model)
+    assert not any(isinstance(m, LoraLinear) for m in model.modules())
+    changed = {name for name, p in model.named_parameters() if name in frozen and not torch.equal(p, frozen[name])}
+    assert changed and all(name.endswith(("q_proj.weight", "v_proj.weight")) for name in changed)
+    assert not any(name.startswith("encoder.") for name in changed)
