@@ -10,7 +10,8 @@ the selection, the projector and the LLM prefill. Decode tokens/s: 24 forced gre
 the first scenes. Memory: peak RSS above the resident model while answering one scene (glibc
 heap trimmed and the high-water mark reset before each configuration), and the KV-cache bytes.
 Also writes bench/results/hired.png: the tokens HiRED keeps at r=0.2 over each partition of
-the real photos.
+the real photos. ``kept_on_items``: the share of kept sub-image tokens that cover part of an item
+rather than the black background (HiRED's and random's; pooling keeps no tokens by index).
 
 Usage: python bench/hired.py [--scenes 100] [--throughput-scenes 4] [--max-minutes M] [--threads 1]
 """
@@ -63,6 +64,19 @@ def peak_rss_above_resident(run) -> int | None:
     return _status("VmHWM") - before
 
 
+def item_share(image: np.ndarray, kept: list[list[int]]) -> float | None:
+    """Share of the kept sub-image tokens whose 14-px patch shows part of an item (mean brightness
+    at least 10%) rather than the black background; None where no token is kept by index (pool)."""
+    if not any(kept[1:]):
+        return None
+    pixels = vlm.partitions(image)[1:, 0] * float(vlm.STD[0]) + float(vlm.MEAN[0])  # [4, 112, 112] in [0, 1]
+    rows, cols = vlm.GRID
+    patch = pixels.reshape(4, rows, vlm.PARTITION // rows, cols, vlm.PARTITION // cols).mean(dim=(2, 4))
+    on_item = (patch.reshape(4, -1) >= 0.1).numpy()
+    flags = [bool(on_item[index, token]) for index, keep in enumerate(kept[1:]) for token in keep]
+    return float(np.mean(flags)) if flags else None
+
+
 def kept_tokens_png(model: vlm.DinoSmolVLM, path: Path, ratio: float = 0.2) -> None:
     import matplotlib
 
@@ -107,7 +121,7 @@ def main() -> int:
     started = time.perf_counter()
     model = vlm.load_model()
     configs = configurations()
-    fields = ("correct", "chosen", "ttft_s", "visual", "prompt", "kv")
+    fields = ("correct", "chosen", "ttft_s", "visual", "prompt", "kv", "on_item")
     records = {f"{m}@{r:g}": {field: [] for field in fields} for m, r in configs}
     encode_s = []
     eval_scenes = scenes.scenes("eval", args.scenes)
@@ -129,6 +143,9 @@ def main() -> int:
             record["visual"].append(answer.visual_tokens)
             record["prompt"].append(answer.prompt_tokens)
             record["kv"].append(answer.kv_cache_bytes)
+            share = item_share(item.image, answer.kept)
+            if share is not None:
+                record["on_item"].append(share)
         if (index + 1) % 10 == 0:
             full = np.mean(records["full@1"]["chosen"])
             hired20 = np.mean(records["hired@0.2"]["chosen"])
@@ -167,6 +184,7 @@ def main() -> int:
                 "decode_speedup": float(np.mean(throughput[key])) / full_tps,
                 "peak_rss_above_model_mb": None if memory[key] is None else memory[key] / 2**20,
                 "kv_cache_mb": float(np.mean(record["kv"])) / 2**20,
+                "kept_on_items": float(np.mean(record["on_item"])) if record["on_item"] else None,
             }
         )
     by = {(row["method"], row["ratio"]): row for row in rows}
@@ -180,14 +198,15 @@ def main() -> int:
         "decode_throughput_higher_at_20": hired20["decode_speedup"] > 1.0,
     }
     print(f"{'method':>7} {'r':>5} {'acc':>6} {'choice':>6} {'vis':>6} {'prompt':>7} {'TTFT ms':>8} {'xTTFT':>6} "
-          f"{'tok/s':>6} {'xdec':>5} {'peakMB':>7} {'kvMB':>5}")  # fmt: skip
+          f"{'tok/s':>6} {'xdec':>5} {'peakMB':>7} {'kvMB':>5} {'onItem':>6}")  # fmt: skip
     for row in rows:
         print(
             f"{row['method']:>7} {row['ratio']:>5g} {row['accuracy']:>6.3f} {row['choice_accuracy']:>6.3f} "
             f"{row['visual_tokens']:>6.1f} "
             f"{row['prompt_tokens']:>7.1f} {row['ttft_ms']:>8.0f} {row['ttft_speedup']:>6.2f} "
             f"{row['decode_tokens_per_s']:>6.1f} {row['decode_speedup']:>5.2f} "
-            f"{row['peak_rss_above_model_mb'] or float('nan'):>7.1f} {row['kv_cache_mb']:>5.2f}"
+            f"{row['peak_rss_above_model_mb'] or float('nan'):>7.1f} {row['kv_cache_mb']:>5.2f} "
+            f"{row['kept_on_items'] if row['kept_on_items'] is not None else float('nan'):>6.2f}"
         )
     for goal, met in goals.items():
         print(f"goal {goal}: {'met' if met else 'missed'}")
