@@ -65,15 +65,12 @@ def peak_rss_above_resident(run) -> int | None:
 
 
 def item_share(image: np.ndarray, kept: list[list[int]]) -> float | None:
-    """Share of the kept sub-image tokens whose 14-px patch shows part of an item (mean brightness
-    at least 10%) rather than the black background; None where no token is kept by index (pool)."""
+    """Share of the kept sub-image tokens that show part of an item rather than the black
+    background; None where no token is kept by index (pool)."""
     if not any(kept[1:]):
         return None
-    pixels = vlm.partitions(image)[1:, 0] * float(vlm.STD[0]) + float(vlm.MEAN[0])  # [4, 112, 112] in [0, 1]
-    rows, cols = vlm.GRID
-    patch = pixels.reshape(4, rows, vlm.PARTITION // rows, cols, vlm.PARTITION // cols).mean(dim=(2, 4))
-    on_item = (patch.reshape(4, -1) >= 0.1).numpy()
-    flags = [bool(on_item[index, token]) for index, keep in enumerate(kept[1:]) for token in keep]
+    on_item = vlm.item_patches(image)
+    flags = [bool(on_item[index, token]) for index, keep in enumerate(kept) if index for token in keep]
     return float(np.mean(flags)) if flags else None
 
 

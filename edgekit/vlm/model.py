@@ -97,6 +97,15 @@ def partitions(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(stack.transpose(0, 3, 1, 2).copy())
 
 
+def item_patches(image: np.ndarray, brightness: float = 0.1) -> np.ndarray:
+    """[5, 64] bool per partition and patch: the 14-px patch shows part of a Fashion-MNIST item
+    (mean brightness at least ``brightness``) rather than the scene's black background."""
+    pixels = partitions(image)[:, 0] * float(STD[0]) + float(MEAN[0])
+    rows, cols = GRID
+    patch = pixels.reshape(PARTITIONS, rows, PARTITION // rows, cols, PARTITION // cols).mean(dim=(2, 4))
+    return (patch.reshape(PARTITIONS, -1) >= brightness).numpy()
+
+
 def _pool_grid(count: int) -> tuple[int, int]:
     """The most square (h, w) with h·w ≤ count, h ≤ w, both ≤ the 8x8 grid; largest product first."""
     best = (1, 1)

@@ -48,6 +48,17 @@ def test_partitions_tile_the_image() -> None:
     assert full[56:, 56:].mean() > 2.0 and full[:56, :56].mean() < -1.5
 
 
+def test_item_patches_mark_what_is_not_background() -> None:
+    image = np.zeros((56, 56, 3), dtype=np.uint8)
+    image[28:35, 28:35] = 255  # one white square at the bottom-right quadrant's top-left
+    marked = vlm.item_patches(image)
+    assert marked.shape == (5, 64) and marked.dtype == bool
+    assert not marked[1:4].any()  # the other three quadrants are black
+    assert marked[4].sum() == 4  # 7x7 px of the 28-px quadrant = 28x28 px of its 112-px crop: 2x2 patches
+    assert marked[4].reshape(8, 8)[:2, :2].all()
+    assert 0 < marked[0].sum() < 4  # the full view sees the square at half that size
+
+
 def test_scenes_are_deterministic_and_split() -> None:
     first, again = scenes.scene("eval", 3), scenes.scene("eval", 3)
     assert np.array_equal(first.image, again.image) and first.labels == again.labels
