@@ -1008,12 +1008,13 @@ def resolve_overrides(
 
 
 def _weight_modules(model: onnx.ModelProto, scopes: dict[str, str]) -> dict[str, str]:
-    """Weight initializer -> module path of the Conv/MatMul/Gemm reading it."""
+    """Weight initializer -> module path of the Conv/MatMul/Gemm (or Gather: a table) reading it."""
     initializers = {init.name: init for init in model.graph.initializer}
     owners = {}
     for node in model.graph.node:
-        if _weight_axis(node, initializers) is not None:
-            weight = node.input[1]
+        found = _weight_and_axis(node, initializers)
+        if found is not None:
+            weight = found[0]
             owners[weight] = scopes.get(node.name) or (
                 weight.rsplit(".", 1)[0] if weight.endswith(".weight") else weight
             )
@@ -1066,10 +1067,10 @@ def tensor_overrides(
         initializers = {init.name: init for init in graph.initializer}
         owners = weight_modules or {}
         for node in graph.node:
-            axis = _weight_axis(node, initializers)
-            if axis is None:
+            found = _weight_and_axis(node, initializers)
+            if found is None:
                 continue
-            weight = node.input[1]
+            weight, axis = found
             owner = owners.get(weight, weight.rsplit(".", 1)[0] if weight.endswith(".weight") else weight)
             if any(fnmatch(owner, pattern) for pattern in spec.per_channel_modules):
                 overrides[weight] = [{"axis": axis, "quant_type": _weight_qtype(spec.weight_bits)}]
@@ -1093,19 +1094,23 @@ def _fixed_override(fixed: TensorOverride) -> dict[str, Any]:
     }
 
 
-def _weight_axis(node: onnx.NodeProto, initializers: dict[str, TensorProto]) -> int | None:
-    """The output-channel axis of a Conv/MatMul/Gemm constant weight, None for other nodes."""
+def _weight_and_axis(node: onnx.NodeProto, initializers: dict[str, TensorProto]) -> tuple[str, int] | None:
+    """A Conv/MatMul/Gemm constant weight and its output-channel axis, or a Gather's constant
+    table and its row axis; None for other nodes."""
+    if node.op_type == "Gather" and node.input[0] in initializers:
+        return node.input[0], 0
     if len(node.input) < 2 or node.input[1] not in initializers:
         return None
+    weight = node.input[1]
     if node.op_type == "Conv":
-        return 0
+        return weight, 0
     if node.op_type == "ConvTranspose":
-        return 1
+        return weight, 1
     if node.op_type == "MatMul":
-        return len(initializers[node.input[1]].dims) - 1
+        return weight, len(initializers[weight].dims) - 1
     if node.op_type == "Gemm":
         trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
-        return 0 if trans_b else 1
+        return weight, 0 if trans_b else 1
     return None
 
 

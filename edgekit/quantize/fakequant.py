@@ -119,8 +119,9 @@ class WeightQuant(nn.Module):
         return torch.maximum(torch.minimum(weight, bound), -bound)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        if not self.enabled:
-            return weight
+        return self.quantize(weight) if self.enabled else weight
+
+    def quantize(self, weight: torch.Tensor) -> torch.Tensor:
         bound = self.bound(weight)
         scale = (bound / self.steps).clamp_min(1e-12)
         clipped = torch.maximum(torch.minimum(weight, bound), -bound)

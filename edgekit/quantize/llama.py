@@ -55,9 +55,9 @@ LAYER_SITES: dict[str, tuple[str, str]] = {
     "res_mlp": ("other", "ops.{i}.res_mlp"),
 }
 HEAD_SITES: dict[str, tuple[str, str]] = {
-    # The embedding Gather's output takes its table's quantization in the QDQ graph (uint8, the
-    # table's min/max): simulated as such, never learned nor overridden.
-    "embed": ("table", "embed_tokens"),
+    # The lookup reads the head's per-row int8 weights (one table stored once, shared by Gather
+    # and head); its output is a learned site like any other, 16-bit into the first norm and add.
+    "embed": ("other", "embed_tokens"),
     "final": ("matmul", "norm"),
     "logits": ("other", "lm_head"),
 }
@@ -138,8 +138,6 @@ class Bits:
     norm_weight: int = 16  # RMSNorm weights: 16-bit as the paper, 8 where the target has no 16-bit
 
     def site(self, kind: str) -> int:
-        if kind == "table":
-            return 8
         return self.matmul if kind == "matmul" else self.other
 
 
@@ -155,7 +153,7 @@ class QuantLlama(CausalLMWithCache):
         model = copy.deepcopy(float_model)
         base = SimpleNamespace(embed_tokens=model.embed_tokens, layers=model.layers, norm=model.norm)
         super().__init__(SimpleNamespace(config=model.config, model=base, lm_head=model.lm_head))
-        if self.lm_head.weight is self.embed_tokens.weight:  # untie: the head's weight gets clipped
+        if self.lm_head.weight is self.embed_tokens.weight:  # untie: fold writes each its own tensor
             self.lm_head.weight = nn.Parameter(self.embed_tokens.weight.detach().clone())
         for layer in self.layers:
             for name in LINEARS:
@@ -183,7 +181,9 @@ class QuantLlama(CausalLMWithCache):
                 per_channel = bits.per_channel or (name == "down_proj" and bits.per_channel_down)
                 quants[name] = WeightQuant(_linear(layer, name).out_features, bits.weight, per_channel, clip_init)
             self.wquant.append(nn.ModuleDict(quants))
-        # the head is not reached by the hidden-state loss: per-channel MinMax, no clipping to learn
+        # The head is not reached by the hidden-state loss: per-channel MinMax, no clipping to learn.
+        # The embedding table gets the same per-row int8 grid, so a tied model's lookup and head read
+        # one stored table (the exporter writes equal tensors once).
         self.head_wquant = WeightQuant(self.lm_head.out_features, 8 if bits.weight == 8 else 4, True, learn=False)
         for parameter in self.parameters():  # the optimiser switches on what it trains
             parameter.requires_grad_(False)
@@ -216,17 +216,12 @@ class QuantLlama(CausalLMWithCache):
     def clip_parameters(self) -> list[nn.Parameter]:
         return [q.logit for q in self.weight_quants() if q.learn]
 
-    def learned_act_quants(self) -> list[ActQuant]:
-        return [q for sites in self.acts for q in sites.values()] + [
-            self.head_acts[site] for site, (kind, _) in HEAD_SITES.items() if kind != "table"
-        ]
-
     def range_parameters(self) -> list[nn.Parameter]:
-        return [p for q in self.learned_act_quants() for p in (q.scale, q.offset)]
+        return [p for q in self.act_quants() for p in (q.scale, q.offset)]
 
     @torch.no_grad()
     def init_ranges(self) -> None:
-        """MinMax init from what :meth:`observe` saw; the embedding site from its table."""
+        """MinMax init from what :meth:`observe` saw."""
         for quant in self.act_quants():
             quant.init_from_observed()
         for sites in self.acts:
@@ -235,8 +230,6 @@ class QuantLlama(CausalLMWithCache):
             scores = sites["scores"]
             span = SCORES_SPAN[scores.bits]
             scores.set_range(max(float(scores.low), float(scores.high) - span), float(scores.high))
-        table = self.embed_tokens.weight
-        self.head_acts["embed"].set_range(float(table.min()), float(table.max()))
 
     # -- effective (transformed) weights ----------------------------------------------------------
     def _expand_heads(self, per_kv: torch.Tensor) -> torch.Tensor:
@@ -284,6 +277,15 @@ class QuantLlama(CausalLMWithCache):
         for quant in self.weight_quants():
             quant.enabled = False
         self.quant_norm_weights = False
+        return self
+
+    @torch.no_grad()
+    def round_tables(self) -> QuantLlama:
+        """Store the embedding table and the head at their per-row int8 values: what the simulation
+        multiplies by, also where a runtime keeps the table float (.pte); a QDQ graph re-quantizes
+        them per row exactly."""
+        for table in (self.embed_tokens.weight, self.lm_head.weight):
+            table.copy_(self.head_wquant.quantize(table))
         return self
 
     # -- forward ------------------------------------------------------------------------------------
@@ -363,7 +365,11 @@ class QuantLlama(CausalLMWithCache):
         return hidden, k, v
 
     def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.head_acts["embed"](self.embed_tokens(input_ids))
+        if self.head_wquant.enabled:
+            rows = F.embedding(input_ids, self.head_wquant(self.embed_tokens.weight))
+        else:
+            rows = self.embed_tokens(input_ids)
+        return self.head_acts["embed"](rows)
 
     def hidden_state(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The final (normed) hidden state of a prefill: MobileQuant's training target."""
@@ -411,9 +417,8 @@ class QuantLlama(CausalLMWithCache):
         for index, sites in enumerate(self.acts):
             for site, (_, path) in LAYER_SITES.items():
                 table[path.format(i=index)] = sites[site].override()
-        for site, (kind, path) in HEAD_SITES.items():
-            if kind != "table":
-                table[path] = self.head_acts[site].override()
+        for site, (_, path) in HEAD_SITES.items():
+            table[path] = self.head_acts[site].override()
         return table
 
 

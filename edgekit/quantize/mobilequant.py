@@ -21,7 +21,7 @@ import torch
 from edgekit.errors import EdgekitError
 from edgekit.models.bundle import ModelBundle
 from edgekit.models.llama import CausalLMWithCache
-from edgekit.quantize.llama import HEAD_SITES, Bits, QuantLlama
+from edgekit.quantize.llama import Bits, QuantLlama
 from edgekit.quantize.optimise import Schedule, float_targets, hidden_mse, optimise
 from edgekit.quantize.smoothquant import smoothquant_init
 from edgekit.quantize.spec import QuantSpec
@@ -54,6 +54,9 @@ class Config:
     lr_range: float = 1e-3
     lr_range_end: float = 1e-4
     clip_init: float = 4.0  # clipping logit b: bound = sigmoid(b) * max|W|
+    log_scales: bool = False  # learn transform and activation scales as logarithms (relative rates)
+    lr_offset: float = 0.0  # zero points, integer units (with log_scales)
+    lr_offset_end: float = 0.0
     max_grad_norm: float = 0.0  # > 0: clip the global gradient norm (int8-only's gradients reach 1e36)
     seed: int = 0
 
@@ -77,6 +80,8 @@ def schedule_of(config: Config) -> Schedule:
         transform=(config.lr_transform, config.lr_transform_end),
         clip=(clip, clip / 10.0),
         range=(config.lr_range, config.lr_range_end),
+        log_scales=config.log_scales,
+        offset=(config.lr_offset, config.lr_offset_end),
     )
 
 
@@ -106,10 +111,7 @@ def quant_spec(model: QuantLlama, config: Config, samples: int) -> QuantSpec:
         calibration="minmax",
         sixteen_bit_ops=frozenset() if config.int8_only else SIXTEEN_BIT_OPS,
         overrides=model.overrides(),
-        lookup_overrides={
-            path: model.head_acts[site].override() for site, (kind, path) in HEAD_SITES.items() if kind == "table"
-        },
-        per_channel_modules=("*down_proj", "lm_head"),
+        per_channel_modules=("*down_proj", "lm_head", "embed_tokens"),
         samples=samples,
         fuse_rms_norm=True,
         norm_weight_bits=model.bits.norm_weight,
@@ -168,7 +170,7 @@ def apply(bundle: ModelBundle, data: Sequence[dict[str, np.ndarray]], config: Co
     simulated.set_quant(weights=True, acts=True).eval()
     exported = QuantLlama(module, simulated.bits)
     exported.load_state_dict(simulated.state_dict())
-    exported.fold().set_quant(weights=False, acts=False).eval()
+    exported.fold().round_tables().set_quant(weights=False, acts=False).eval()
     spec = quant_spec(simulated, config, len(data))
     meta = dict(bundle.meta)
     meta["mobilequant"] = {**facts, "bits": simulated.bits.__dict__}

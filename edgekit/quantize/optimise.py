@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from torch import nn
+from torch.nn.utils import parametrize
 
 from edgekit.progress import progress_bar
 from edgekit.quantize.llama import QuantLlama
@@ -20,11 +22,66 @@ from edgekit.quantize.llama import QuantLlama
 
 @dataclass(frozen=True)
 class Schedule:
-    """Start and end learning rates (cosine decay between them) per parameter group."""
+    """Start and end learning rates (cosine decay between them) per parameter group.
+
+    ``log_scales``: the transform scales and activation scales are learned as their logarithms,
+    so the ``transform`` and ``range`` rates are relative steps, the same for a scale of 1e-3 and
+    of 30 (in plain parameters Adam moves every scale by about the rate, whatever its size); the
+    zero points then learn at ``offset`` (integer units).
+    """
 
     transform: tuple[float, float] = (1e-3, 1e-4)
     clip: tuple[float, float] = (1e-2, 1e-3)
     range: tuple[float, float] = (1e-6, 1e-7)
+    log_scales: bool = False
+    offset: tuple[float, float] = (0.0, 0.0)
+
+
+class _Exp(nn.Module):
+    """Parametrization ``value = exp(u)`` (scales are positive: SmoothQuant's and MinMax's are)."""
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        return torch.exp(u)
+
+    def right_inverse(self, value: torch.Tensor) -> torch.Tensor:
+        return torch.log(value.abs().clamp_min(1e-12))
+
+
+def _parameter_groups(model: QuantLlama, schedule: Schedule) -> list[tuple[list[nn.Parameter], tuple[float, float]]]:
+    if schedule.log_scales:
+        scaled = [(t, name) for t in model.transforms for name, _ in list(t.named_parameters(recurse=False))]
+        scaled += [(q, "scale") for q in model.act_quants()]
+        for module, name in scaled:
+            parametrize.register_parametrization(module, name, _Exp())
+        transforms = [t.parametrizations[name].original for t in model.transforms for name in t.parametrizations]
+        ranges = [q.parametrizations.scale.original for q in model.act_quants()]
+        offsets = [q.offset for q in model.act_quants()]
+        return [
+            (transforms, schedule.transform),
+            (model.clip_parameters(), schedule.clip),
+            (ranges, schedule.range),
+            (offsets, schedule.offset),
+        ]
+    # The range learning rates are for 8-bit sites; a 16-bit site's scale is 257x finer, so its
+    # rate is scaled alike (as if learning the scale in 8-bit units).
+    ranges = {8: [], 16: []}
+    for quant in model.act_quants():
+        ranges[quant.bits] += [quant.scale, quant.offset]
+    fine = 255.0 / 65535.0
+    return [
+        (model.transform_parameters(), schedule.transform),
+        (model.clip_parameters(), schedule.clip),
+        (ranges[8], schedule.range),
+        (ranges[16], (schedule.range[0] * fine, schedule.range[1] * fine)),
+    ]
+
+
+def _plain_parameters(model: QuantLlama) -> None:
+    """Back to plain parameters holding the learned values (what fold and export read)."""
+    for module in list(model.modules()):
+        if parametrize.is_parametrized(module):
+            for name in list(module.parametrizations):
+                parametrize.remove_parametrizations(module, name, leave_parametrized=True)
 
 
 def _cosine(start: float, end: float, total: int):
@@ -59,19 +116,25 @@ def optimise(
     ``max_grad_norm`` > 0 clips the global gradient norm first.
     """
     model.set_quant(weights=True, acts=True)
+    try:
+        return _train(model, batches, targets, epochs, _parameter_groups(model, schedule), show_progress, max_grad_norm)
+    finally:
+        _plain_parameters(model)
+        for p in model.parameters():
+            p.requires_grad_(False)
+
+
+def _train(
+    model: QuantLlama,
+    batches: Sequence[torch.Tensor],
+    targets: Sequence[torch.Tensor],
+    epochs: int,
+    parameter_groups: list[tuple[list[nn.Parameter], tuple[float, float]]],
+    show_progress: bool,
+    max_grad_norm: float,
+) -> dict[str, object]:
     groups = []
-    # The range learning rates are for 8-bit sites; a 16-bit site's scale is 257x finer, so its
-    # rate is scaled alike (as if learning the scale in 8-bit units).
-    ranges = {8: [], 16: []}
-    for quant in model.learned_act_quants():
-        ranges[quant.bits] += [quant.scale, quant.offset]
-    fine = 255.0 / 65535.0
-    for params, (start, end) in (
-        (model.transform_parameters(), schedule.transform),
-        (model.clip_parameters(), schedule.clip),
-        (ranges[8], schedule.range),
-        (ranges[16], (schedule.range[0] * fine, schedule.range[1] * fine)),
-    ):
+    for params, (start, end) in parameter_groups:
         if params and start > 0:
             for p in params:
                 p.requires_grad_(True)
@@ -106,8 +169,6 @@ def optimise(
                 running = value if running is None else 0.9 * running + 0.1 * value
                 status = f"epoch {epoch + 1}/{epochs} loss {running:.4g}" + (f" skipped {skipped}" if skipped else "")
                 progress.update(task, advance=1, status=status)
-    for p in model.parameters():
-        p.requires_grad_(False)
     return {"losses": history, "steps": len(history), "skipped": skipped, "seconds": time.perf_counter() - started}
 
 

@@ -60,7 +60,7 @@ def fixed_range_program(
     program to lower to XNNPACK. Norm weights are stored at ``spec.norm_weight_bits`` values."""
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-    sites = {**spec.overrides, **spec.lookup_overrides}
+    sites = spec.overrides
     sixteen = sorted(path for path, fixed in sites.items() if fixed.bits != 8)
     if sixteen:
         raise EdgekitError(

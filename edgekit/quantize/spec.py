@@ -34,9 +34,6 @@ class QuantSpec:
     float_ops: frozenset[str] = frozenset()
     # activation tensor name -> fixed quantization (names are the exported graph's)
     overrides: dict[str, TensorOverride] = field(default_factory=dict)
-    # embedding module path -> fixed quantization of its lookup's output, for formats where that
-    # output is its own tensor (.pte); a QDQ graph quantizes the table and the Gather reads it
-    lookup_overrides: dict[str, TensorOverride] = field(default_factory=dict)
     # module name patterns that keep per-channel weights even when weight_per_channel is False
     per_channel_modules: tuple[str, ...] = ()
     samples: int = 64

@@ -94,11 +94,18 @@ def test_learned_ranges_are_the_graphs_qdq_scales(exported) -> None:
             assert scale == pytest.approx(override.scale, rel=1e-6), module_path
             checked += 1
         assert checked == len(overrides)
-        # the embedding Gather keeps its table's uint8 quantization, which the simulation copies
-        scale, zero, bits = params[tensors["embed_tokens"]]
-        embed = quantized.simulated.head_acts["embed"].override()
-        assert (bits, zero) == (embed.bits, embed.zero_point)
-        assert scale == pytest.approx(embed.scale, rel=1e-5)
+        assert "embed_tokens" in overrides  # the lookup's output too: learned, 16-bit
+
+
+def test_the_lookup_table_is_the_heads_int8_weights_stored_once(exported) -> None:
+    quantized, result, _ = exported
+    vocab, hidden = quantized.module.embed_tokens.weight.shape
+    for role in ("prefill", "decode"):
+        model = onnx.load(str(result.graphs[role].path), load_external_data=False)
+        tables = [i for i in model.graph.initializer if sorted(i.dims) == sorted([vocab, hidden])]
+        assert [onnx.TensorProto.DataType.Name(t.data_type) for t in tables] == ["INT8"], role
+        # the head reads the Gather's table through a Transpose: one copy in the weights file
+        assert any(n.op_type == "Transpose" and n.input[0] == tables[0].name for n in model.graph.node), role
 
 
 def test_exported_graph_runs_and_matches_the_simulation(exported) -> None:

@@ -138,6 +138,35 @@ def test_a_step_with_a_non_finite_gradient_is_skipped_not_applied(float_model) -
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_log_scales_move_every_scale_by_the_same_factor(float_model) -> None:
+    """Plain parameters: Adam's first step moves a scale of 1e-4 and one of 30 by the same amount.
+    Learned as logarithms, each moves by the same factor exp(±lr); plain parameters come back."""
+    from torch.nn.utils import parametrize
+
+    from edgekit.quantize.optimise import Schedule, float_targets, optimise
+
+    model = QuantLlama(float_model, Bits())
+    batches = [ids(seed=1)]
+    mobilequant.minmax_ranges(model, batches)
+    targets = float_targets(model, batches)
+    scales = lambda: torch.stack([q.scale.detach().clone() for q in model.act_quants()])  # noqa: E731
+    before = scales()
+    assert float(before.max() / before.min()) > 100  # 8- and 16-bit sites: orders of magnitude apart
+    transforms = torch.cat([p.detach().flatten() for p in model.transform_parameters()])
+    rate = 0.05
+    schedule = Schedule(transform=(rate, rate), clip=(0.0, 0.0), range=(rate, rate), log_scales=True)
+    optimise(model, batches, targets, epochs=1, schedule=schedule, show_progress=False)
+    assert not any(parametrize.is_parametrized(module) for module in model.modules())
+    steps = (scales() / before).log().abs()
+    sixteen = torch.tensor([q.bits == 16 for q in model.act_quants()])
+    # Adam's first step is lr · g / (|g| + eps): at most the rate, and the whole rate at both bit-widths
+    assert float(steps.max()) <= rate * 1.001
+    assert float(steps[sixteen].max()) > 0.9 * rate and float(steps[~sixteen].max()) > 0.9 * rate
+    after = torch.cat([p.flatten() for p in model.transform_parameters()])
+    assert float((after / transforms).log().abs().max()) == pytest.approx(rate, rel=1e-3)
+    assert all(not p.requires_grad for p in model.parameters())
+
+
 def test_optimisation_trains_every_parameter_group(float_model) -> None:
     config = mobilequant.Config(samples=6, seq_len=24, epochs=2, batch_size=2)
     model, facts = mobilequant.quantize_llama(float_model, calib(), config, show_progress=False)
@@ -148,7 +177,7 @@ def test_optimisation_trains_every_parameter_group(float_model) -> None:
     moved = lambda a, b: any(float((x - y).abs().max()) > 0 for x, y in zip(a, b, strict=True))  # noqa: E731
     assert moved(model.transform_parameters(), reference.transform_parameters())
     assert moved(model.clip_parameters(), reference.clip_parameters())
-    assert moved([q.scale for q in model.learned_act_quants()], [q.scale for q in reference.learned_act_quants()])
+    assert moved([q.scale for q in model.act_quants()], [q.scale for q in reference.act_quants()])
     assert all(not p.requires_grad for p in model.parameters())
 
 
@@ -159,7 +188,7 @@ def test_overrides_name_modules_and_carry_the_papers_bits(float_model) -> None:
         table = model.overrides()
         modules = dict(model.named_modules())
         assert set(table) <= set(modules)
-        assert len(table) == model.num_layers * len(LAYER_SITES) + len(HEAD_SITES) - 1  # embed: table's
+        assert len(table) == model.num_layers * len(LAYER_SITES) + len(HEAD_SITES)
         for site, (kind, path) in LAYER_SITES.items():
             override = table[path.format(i=1)]
             assert override.bits == (8 if kind == "matmul" or int8_only else 16), site
