@@ -1063,7 +1063,7 @@ def tensor_overrides(
     for name, value in fixed.items():
         overrides[name] = [_fixed_override(value)]
 
-    if not spec.weight_per_channel and spec.per_channel_modules:
+    if spec.per_channel_modules:  # explicit also under weight_per_channel: a Gather's table has no default axis
         initializers = {init.name: init for init in graph.initializer}
         owners = weight_modules or {}
         for node in graph.node:

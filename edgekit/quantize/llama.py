@@ -55,7 +55,7 @@ LAYER_SITES: dict[str, tuple[str, str]] = {
     "res_mlp": ("other", "ops.{i}.res_mlp"),
 }
 HEAD_SITES: dict[str, tuple[str, str]] = {
-    # The lookup reads the head's per-row int8 weights (one table stored once, shared by Gather
+    # The lookup reads the head's per-row weights (int8: one table stored once, shared by Gather
     # and head); its output is a learned site like any other, 16-bit into the first norm and add.
     "embed": ("other", "embed_tokens"),
     "final": ("matmul", "norm"),
@@ -182,8 +182,8 @@ class QuantLlama(CausalLMWithCache):
                 quants[name] = WeightQuant(_linear(layer, name).out_features, bits.weight, per_channel, clip_init)
             self.wquant.append(nn.ModuleDict(quants))
         # The head is not reached by the hidden-state loss: per-channel MinMax, no clipping to learn.
-        # The embedding table gets the same per-row int8 grid, so a tied model's lookup and head read
-        # one stored table (the exporter writes equal tensors once).
+        # The embedding table gets the same per-row grid, so a tied model's lookup and head read one
+        # stored int8 table (the exporter writes a tensor and its transpose once; not packed int4).
         self.head_wquant = WeightQuant(self.lm_head.out_features, 8 if bits.weight == 8 else 4, True, learn=False)
         for parameter in self.parameters():  # the optimiser switches on what it trains
             parameter.requires_grad_(False)
@@ -215,9 +215,6 @@ class QuantLlama(CausalLMWithCache):
 
     def clip_parameters(self) -> list[nn.Parameter]:
         return [q.logit for q in self.weight_quants() if q.learn]
-
-    def range_parameters(self) -> list[nn.Parameter]:
-        return [p for q in self.act_quants() for p in (q.scale, q.offset)]
 
     @torch.no_grad()
     def init_ranges(self) -> None:
@@ -277,15 +274,6 @@ class QuantLlama(CausalLMWithCache):
         for quant in self.weight_quants():
             quant.enabled = False
         self.quant_norm_weights = False
-        return self
-
-    @torch.no_grad()
-    def round_tables(self) -> QuantLlama:
-        """Store the embedding table and the head at their per-row int8 values: what the simulation
-        multiplies by, also where a runtime keeps the table float (.pte); a QDQ graph re-quantizes
-        them per row exactly."""
-        for table in (self.embed_tokens.weight, self.lm_head.weight):
-            table.copy_(self.head_wquant.quantize(table))
         return self
 
     # -- forward ------------------------------------------------------------------------------------

@@ -171,7 +171,7 @@ def apply(bundle: ModelBundle, data: Sequence[dict[str, np.ndarray]], config: Co
     simulated.set_quant(weights=True, acts=True).eval()
     exported = QuantLlama(module, simulated.bits)
     exported.load_state_dict(simulated.state_dict())
-    exported.fold().round_tables().set_quant(weights=False, acts=False).eval()
+    exported.fold().set_quant(weights=False, acts=False).eval()
     spec = quant_spec(simulated, config, len(data))
     meta = dict(bundle.meta)
     meta["mobilequant"] = {**facts, "bits": simulated.bits.__dict__}

@@ -18,7 +18,7 @@ from fnmatch import fnmatch
 import torch
 
 from edgekit.errors import EdgekitError
-from edgekit.quantize.fakequant import symmetric_fake_quant
+from edgekit.quantize.fakequant import WeightQuant, symmetric_fake_quant
 from edgekit.quantize.spec import QuantSpec, TensorOverride
 
 _LINEAR = torch.ops.aten.linear.default
@@ -72,6 +72,7 @@ def fixed_range_program(
     module = copy.deepcopy(module).eval()
     if spec.fuse_rms_norm:
         _quantize_norm_weights(module, spec.norm_weight_bits)
+    _quantize_lookup_tables(module)
     example = {name: tensor.contiguous() for name, tensor in example_inputs.items()}
     with torch.no_grad():
         program = torch.export.export(module, (), example, strict=False).module()
@@ -89,6 +90,16 @@ def _quantize_norm_weights(module: torch.nn.Module, bits: int) -> None:
         for child in module.modules():
             if type(child).__name__.endswith("RMSNorm") and isinstance(getattr(child, "weight", None), torch.Tensor):
                 child.weight.copy_(symmetric_fake_quant(child.weight, bits))
+
+
+def _quantize_lookup_tables(module: torch.nn.Module) -> None:
+    """Store each embedding table at its per-row int8 values: the simulation looks up those (the
+    LM head's grid, which a QDQ graph shares with the table), while the program keeps it float."""
+    with torch.no_grad():
+        for child in module.modules():
+            if isinstance(child, torch.nn.Embedding):
+                rows = WeightQuant(child.num_embeddings, 8, per_channel=True, learn=False)
+                child.weight.copy_(rows.quantize(child.weight))
 
 
 def _fixed_spec(fixed: TensorOverride):

@@ -143,3 +143,33 @@ def test_rms_norms_run_as_one_op_with_16_bit_weights(exported) -> None:
                 weight_dq = producers[node.input[1]]
                 assert weight_dq.op_type == "DequantizeLinear"
                 assert initializers[weight_dq.input[0]].data_type == onnx.TensorProto.INT16
+
+
+def test_w4a8_reads_an_int4_table_per_row_as_the_simulation_does(tmp_path) -> None:
+    """Under per-channel W4 the lookup table is int4 per row like the head (onnxruntime gives a
+    Gather's table no per-channel axis of its own): the file's logits track the simulation."""
+    from edgekit.evaluate import sqnr_db
+    from edgekit.exporters.verify import onnx_session
+
+    bundle = ModelBundle(
+        spec="test:tiny-llama",
+        module=tiny_llama(),
+        example_inputs={"input_ids": torch.randint(0, 101, (1, 8))},
+        task="causal-lm",
+        output_names=["logits"],
+        dynamic_axes={"input_ids": {1: "sequence"}},
+    )
+    data = calib(4, 24)
+    quantized = mobilequant.apply(bundle, data, mobilequant.Config(weight_bits=4, samples=4, seq_len=24, epochs=0))
+    result = onnx_exporter.export_onnx(quantized, tmp_path / "w4", data, decode=False)
+    model = onnx.load(str(result.graphs["prefill"].path), load_external_data=False)
+    vocab, hidden = quantized.module.embed_tokens.weight.shape
+    tables = {i.name: i for i in model.graph.initializer if sorted(i.dims) == sorted([vocab, hidden])}
+    gather = next(n for n in model.graph.node if n.op_type == "Gather")
+    table_dq = next(n for n in model.graph.node if n.output[0] == gather.input[0])
+    assert table_dq.op_type == "DequantizeLinear" and tables[table_dq.input[0]].data_type == onnx.TensorProto.INT4
+    ids = torch.randint(0, 101, (1, 20), generator=torch.Generator().manual_seed(5))
+    logits = onnx_session(result.graphs["prefill"].path).run(None, {"input_ids": ids.numpy()})[0]
+    with torch.no_grad():
+        simulated = quantized.simulated(ids).numpy()
+    assert sqnr_db(simulated, logits) > 25.0
