@@ -44,7 +44,7 @@ def main() -> int:
         for kind in KINDS:
             visual = []
             for part, quota in enumerate(quotas):
-                pool = {"items": on_item[part], "background": ~on_item[part], "any": np.ones(64, bool)}[kind]
+                pool = {"items": on_item[part], "background": ~on_item[part], "any": np.ones_like(on_item[part])}[kind]
                 candidates = np.flatnonzero(pool)
                 keep = np.sort(rng.choice(candidates, size=min(quota, len(candidates)), replace=False))
                 visual.append(encoded.features[part, torch.from_numpy(keep)])

@@ -153,7 +153,9 @@ class QuantLlama(CausalLMWithCache):
         model = copy.deepcopy(float_model)
         base = SimpleNamespace(embed_tokens=model.embed_tokens, layers=model.layers, norm=model.norm)
         super().__init__(SimpleNamespace(config=model.config, model=base, lm_head=model.lm_head))
-        if self.lm_head.weight is self.embed_tokens.weight:  # untie: fold writes each its own tensor
+        # Untie: lookup and head export as two initializers, each quantized on its own axis (equal int8
+        # values, which the exporter stores once).
+        if self.lm_head.weight is self.embed_tokens.weight:
             self.lm_head.weight = nn.Parameter(self.embed_tokens.weight.detach().clone())
         for layer in self.layers:
             for name in LINEARS:
