@@ -57,7 +57,7 @@ def main() -> None:
     calib = calibration_inputs(bundle, None, args.samples, args.seq_len)
     tokens = token_stream(bundle.tokenizer, "eval", max_tokens=args.eval_tokens)
     config = mobilequant.Config(samples=args.samples, seq_len=args.seq_len, learn=False, epochs=0)
-    model, _ = mobilequant.quantize_llama(module, calib, config, show_progress=False)
+    model, _ = mobilequant.quantize_model(module, calib, config, show_progress=False)
 
     def measure(label: str) -> None:
         with torch.no_grad():

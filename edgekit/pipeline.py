@@ -444,6 +444,8 @@ def run_export(plan: ExportPlan) -> ExportResult:
         report = {"plan": plan.describe(), "formats": per_format, "manifest": {"created": manifest.created}}
         if "snn" in transformed.meta:  # spike rates, op/energy counts, accuracy per ladder stage
             report["snn"] = transformed.meta["snn"]
+        if "mobilequant" in transformed.meta:  # steps, hidden-state MSE before/after, seconds
+            report["mobilequant"] = transformed.meta["mobilequant"]
         write_report(staging, manifest, report)
         _replace(staging, plan.out)
     except BaseException:

@@ -68,6 +68,7 @@ MINIMUM_REAL_RANGE = 1e-4
 # Q/DQ and Cast are plumbing, never annotated themselves.
 _NOT_QUANTIZED = {"QuantizeLinear", "DequantizeLinear", "Cast"}
 _NORM_OPS = ("LayerNormalization", "InstanceNormalization", "BatchNormalization")
+_ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Div"})
 
 log = logging.getLogger(__name__)
 
@@ -654,10 +655,26 @@ def quantize_qdq(
         _pre_process(fp32_path, pre, external, optimize=False)
         model = onnx.load(str(pre), load_external_data=False)
 
-    norm_weights = fuse_rms_norms(model) if spec.fuse_rms_norm else []
-    if norm_weights:
-        notes.append(f"{len(norm_weights)} RMSNorms fused into {FUSED_RMS_NORM} (weights {spec.norm_weight_bits}-bit)")
-    if _name_nodes(model) or norm_weights:
+    fused = fuse_rms_norms(model) if spec.fuse_rms_norm else []
+    norm_bits = spec.norm_weight_bits or 16
+    if fused:
+        notes.append(f"{len(fused)} RMSNorms fused into {FUSED_RMS_NORM} (weights {norm_bits}-bit)")
+    norm_weights = list(fused)
+    initializers = {init.name for init in model.graph.initializer}
+    if spec.norm_weight_bits is not None:
+        norm_weights += [
+            n.input[1] for n in model.graph.node if n.op_type == "LayerNormalization" and n.input[1] in initializers
+        ]
+    # A constant operand of a 16-bit elementwise op (a ViT's position table, a mask's constants) is
+    # stored at 16 bits too; onnxruntime would otherwise give it the 8-bit weight type.
+    constants = {
+        name
+        for n in model.graph.node
+        if n.op_type in _ELEMENTWISE and n.op_type in spec.sixteen_bit_ops
+        for name in n.input
+        if name in initializers
+    }
+    if _name_nodes(model) or fused:
         onnx.save_model(model, str(pre))  # the quantizer selects nodes by name
     present = {node.op_type for node in model.graph.node} - _NOT_QUANTIZED - set(spec.float_ops)
     op_types = sorted(present if op_types is None else present & set(op_types))
@@ -680,7 +697,9 @@ def quantize_qdq(
         overrides |= anchored_weights
         notes += weight_notes
     for weight in norm_weights:  # symmetric per-tensor, as QNN takes a norm's weight
-        overrides[weight] = [{"quant_type": _activation_qtype(spec.norm_weight_bits, signed=True), "symmetric": True}]
+        overrides[weight] = [{"quant_type": _activation_qtype(norm_bits, signed=True), "symmetric": True}]
+    for constant in constants - set(overrides):
+        overrides[constant] = [{"quant_type": _activation_qtype(16, signed=True), "symmetric": True}]
     reader = _FeedReader(model, feeds)
     method = {
         "minmax": CalibrationMethod.MinMax,

@@ -1,6 +1,7 @@
-"""The ``mobilequant`` transform: learned integer-only quantization of LLaMA-family decoders.
+"""The ``mobilequant`` transform: learned integer-only quantization of transformer models.
 
-``apply`` builds the simulated model (:class:`~edgekit.quantize.llama.QuantLlama`), initialises
+``apply`` builds the simulated model (:class:`~edgekit.quantize.llama.QuantLlama` for LLaMA-family
+decoders, :class:`~edgekit.quantize.encoder.QuantEncoder` for BERT and DINOv2 encoders), initialises
 its equivalent transforms from SmoothQuant (α) and its activation ranges from MinMax on the
 calibration data, optimises everything end to end (``epochs > 0``), then folds the transforms and
 clipping into the float weights. The bundle it returns exports that folded model, with the
@@ -17,12 +18,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import nn
 
 from edgekit.errors import EdgekitError
 from edgekit.models.bundle import ModelBundle
 from edgekit.models.llama import CausalLMWithCache
+from edgekit.quantize.encoder import QuantEncoder, quant_encoder
 from edgekit.quantize.llama import Bits, QuantLlama
-from edgekit.quantize.optimise import Schedule, float_targets, hidden_mse, optimise
+from edgekit.quantize.optimise import Batch, Schedule, Simulated, float_targets, hidden_mse, optimise
 from edgekit.quantize.smoothquant import smoothquant_init
 from edgekit.quantize.spec import QuantSpec
 
@@ -31,6 +34,17 @@ from edgekit.quantize.spec import QuantSpec
 SIXTEEN_BIT_OPS = frozenset(
     {"Pow", "ReduceMean", "Add", "Sqrt", "Div", "Reciprocal", "Mul", "Neg", "Sigmoid", "Softmax", "Sub", "Cos", "Sin"}
 )
+# The encoders' non-linear pieces besides those: LayerNorm, GELU (one op or its Erf form), pooling
+# and L2 normalisation.
+ENCODER_SIXTEEN_BIT_OPS = SIXTEEN_BIT_OPS | {
+    "LayerNormalization",
+    "Gelu",
+    "Erf",
+    "ReduceSum",
+    "ReduceL2",
+    "Max",
+    "Clip",
+}
 
 
 @dataclass
@@ -86,66 +100,92 @@ def schedule_of(config: Config) -> Schedule:
     )
 
 
-def batches_of(data: Sequence[dict[str, np.ndarray]], batch_size: int) -> list[torch.Tensor]:
-    """Calibration feeds as input_ids batches; windows of equal length are stacked."""
-    rows = [torch.as_tensor(np.asarray(feed["input_ids"]), dtype=torch.long) for feed in data]
-    rows = [row.reshape(1, -1) if row.ndim == 1 else row for row in rows]
-    batches: list[torch.Tensor] = []
-    pending: list[torch.Tensor] = []
-    for row in rows:
-        if pending and (row.shape[1] != pending[0].shape[1] or len(pending) >= batch_size):
-            batches.append(torch.cat(pending))
+def batches_of(data: Sequence[dict[str, np.ndarray]], batch_size: int) -> list[dict[str, torch.Tensor]]:
+    """Calibration feeds as batches: consecutive feeds whose inputs have equal shapes are stacked."""
+    feeds = []
+    for feed in data:
+        tensors = {name: torch.as_tensor(np.asarray(value)) for name, value in feed.items()}
+        feeds.append({name: t[None] if t.ndim == 1 else t for name, t in tensors.items()})
+    batches: list[dict[str, torch.Tensor]] = []
+    pending: list[dict[str, torch.Tensor]] = []
+
+    def shapes(feed: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+        return {name: tuple(t.shape[1:]) for name, t in feed.items()}
+
+    for feed in feeds:
+        if pending and (shapes(feed) != shapes(pending[0]) or len(pending) >= batch_size):
+            batches.append({name: torch.cat([f[name] for f in pending]) for name in pending[0]})
             pending = []
-        pending.append(row)
+        pending.append(feed)
     if pending:
-        batches.append(torch.cat(pending))
+        batches.append({name: torch.cat([f[name] for f in pending]) for name in pending[0]})
     return batches
 
 
-def quant_spec(model: QuantLlama, config: Config, samples: int) -> QuantSpec:
+def model_batches(model: Simulated, data: Sequence[dict[str, np.ndarray]], batch_size: int) -> list[Batch]:
+    """What the model's ``hidden_state`` takes: input_ids for a LLaMA, the input dict for an encoder."""
+    batches = batches_of(data, batch_size)
+    if isinstance(model, QuantLlama):
+        return [batch["input_ids"].to(torch.long) for batch in batches]
+    return batches
+
+
+def quant_spec(model: Simulated, config: Config, samples: int) -> QuantSpec:
     """The export plan: bits and granularity as the paper, the learned ranges as fixed overrides."""
+    llama = isinstance(model, QuantLlama)
+    if llama:
+        per_channel, sixteen = ("*down_proj", "lm_head", "embed_tokens"), SIXTEEN_BIT_OPS
+    else:
+        per_channel, sixteen = ("*fc2", "embed.word", "embed.patches.conv"), ENCODER_SIXTEEN_BIT_OPS
     return QuantSpec(
         weight_bits=config.weight_bits,
         weight_per_channel=config.weight_bits == 4,
         activation_bits=8,
         activation_symmetric=False,
         calibration="minmax",
-        sixteen_bit_ops=frozenset() if config.int8_only else SIXTEEN_BIT_OPS,
+        sixteen_bit_ops=frozenset() if config.int8_only else sixteen,
         overrides=model.overrides(),
-        per_channel_modules=("*down_proj", "lm_head", "embed_tokens"),
+        per_channel_modules=per_channel,
         samples=samples,
-        fuse_rms_norm=True,
+        fuse_rms_norm=llama,
         norm_weight_bits=model.bits.norm_weight,
     )
 
 
 @torch.no_grad()
-def minmax_ranges(model: QuantLlama, batches: Sequence[torch.Tensor]) -> None:
+def minmax_ranges(model: Simulated, batches: Sequence[Batch]) -> None:
     """Every activation site's range from the observed min/max (weights already fake-quantized,
     so downstream sites see their effect): the starting point the optimisation learns from."""
     model.set_quant(weights=True, acts=False)
     model.observe(True)
-    for input_ids in batches:
-        model.prefill(input_ids)
+    for batch in batches:
+        model.outputs(batch) if isinstance(model, QuantEncoder) else model.prefill(batch)
     model.observe(False)
     model.init_ranges()
 
 
-def quantize_llama(
-    float_model: CausalLMWithCache, data: Sequence[dict[str, np.ndarray]], config: Config, show_progress: bool = True
-) -> tuple[QuantLlama, dict[str, object]]:
-    """Run the whole method on a float LLaMA; returns the trained simulated model (unfolded) and facts."""
+def simulated_model(float_model: nn.Module, bits: Bits, clip_init: float = 4.0) -> Simulated:
+    """The simulated model for a float one (raises a clear error for an unsupported family)."""
+    if isinstance(float_model, CausalLMWithCache):
+        return QuantLlama(float_model, bits, clip_init=clip_init)
+    return quant_encoder(float_model, bits, clip_init)
+
+
+def quantize_model(
+    float_model: nn.Module, data: Sequence[dict[str, np.ndarray]], config: Config, show_progress: bool = True
+) -> tuple[Simulated, dict[str, object]]:
+    """Run the whole method on a float model; returns the trained simulated model (unfolded) and facts."""
     if not data:
         raise EdgekitError("mobilequant needs calibration data (samples must be positive)")
     torch.manual_seed(config.seed)
     started = time.perf_counter()
-    model = QuantLlama(float_model, bits_of(config), clip_init=config.clip_init if config.learn else 30.0)
-    batches = batches_of(data, config.batch_size)
+    model = simulated_model(float_model, bits_of(config), config.clip_init if config.learn else 30.0)
+    batches = model_batches(model, data, config.batch_size)
     if config.smoothquant_alpha > 0:
         smoothquant_init(model, batches, config.smoothquant_alpha)
     minmax_ranges(model, batches)
     targets = float_targets(model, batches)
-    facts: dict[str, object] = {"batches": len(batches), "samples": sum(len(b) for b in batches)}
+    facts: dict[str, object] = {"batches": len(batches), "samples": sum(len(t) for t in targets)}
     facts["mse_init"] = hidden_mse(model, batches, targets)
     if config.learn and config.epochs > 0:
         history = optimise(
@@ -162,14 +202,9 @@ def quantize_llama(
 
 def apply(bundle: ModelBundle, data: Sequence[dict[str, np.ndarray]], config: Config) -> ModelBundle:
     module = bundle.module
-    if not isinstance(module, CausalLMWithCache):
-        raise EdgekitError(
-            f"mobilequant supports LLaMA-family causal LMs (CausalLMWithCache); {bundle.spec} is a "
-            f"{type(module).__name__}"
-        )
-    simulated, facts = quantize_llama(module, data, config)
+    simulated, facts = quantize_model(module, data, config)
     simulated.set_quant(weights=True, acts=True).eval()
-    exported = QuantLlama(module, simulated.bits)
+    exported = simulated_model(module, simulated.bits)
     exported.load_state_dict(simulated.state_dict())
     exported.fold().set_quant(weights=False, acts=False).eval()
     spec = quant_spec(simulated, config, len(data))

@@ -17,7 +17,13 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from edgekit.progress import progress_bar
+from edgekit.quantize.encoder import QuantEncoder
 from edgekit.quantize.llama import QuantLlama
+
+# Both simulated models share the interface this module uses (act/weight quants, transforms,
+# ``set_quant``, ``hidden_state``); a LLaMA batch is input_ids, an encoder batch its input dict.
+Simulated = QuantLlama | QuantEncoder
+Batch = torch.Tensor | dict[str, torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -47,7 +53,7 @@ class _Exp(nn.Module):
         return torch.log(value.abs().clamp_min(1e-12))
 
 
-def _parameter_groups(model: QuantLlama, schedule: Schedule) -> list[tuple[list[nn.Parameter], tuple[float, float]]]:
+def _parameter_groups(model: Simulated, schedule: Schedule) -> list[tuple[list[nn.Parameter], tuple[float, float]]]:
     if schedule.log_scales:
         scaled = [(t, name) for t in model.transforms for name, _ in list(t.named_parameters(recurse=False))]
         scaled += [(q, "scale") for q in model.act_quants()]
@@ -76,7 +82,7 @@ def _parameter_groups(model: QuantLlama, schedule: Schedule) -> list[tuple[list[
     ]
 
 
-def _plain_parameters(model: QuantLlama) -> None:
+def _plain_parameters(model: Simulated) -> None:
     """Back to plain parameters holding the learned values (what fold and export read)."""
     for module in list(model.modules()):
         if parametrize.is_parametrized(module):
@@ -93,14 +99,14 @@ def _cosine(start: float, end: float, total: int):
 
 
 @torch.no_grad()
-def float_targets(model: QuantLlama, batches: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+def float_targets(model: Simulated, batches: Sequence[Batch]) -> list[torch.Tensor]:
     model.set_quant(weights=False, acts=False)
-    return [model.hidden_state(input_ids) for input_ids in batches]
+    return [model.hidden_state(batch) for batch in batches]
 
 
 def optimise(
-    model: QuantLlama,
-    batches: Sequence[torch.Tensor],
+    model: Simulated,
+    batches: Sequence[Batch],
     targets: Sequence[torch.Tensor],
     epochs: int,
     schedule: Schedule = Schedule(),
@@ -125,8 +131,8 @@ def optimise(
 
 
 def _train(
-    model: QuantLlama,
-    batches: Sequence[torch.Tensor],
+    model: Simulated,
+    batches: Sequence[Batch],
     targets: Sequence[torch.Tensor],
     epochs: int,
     parameter_groups: list[tuple[list[nn.Parameter], tuple[float, float]]],
@@ -152,8 +158,8 @@ def _train(
     with progress_bar(show_progress) as progress:
         task = progress.add_task("MobileQuant", total=total, status="")
         for epoch in range(epochs):
-            for input_ids, target in zip(batches, targets, strict=True):
-                loss = torch.nn.functional.mse_loss(model.hidden_state(input_ids), target)
+            for batch, target in zip(batches, targets, strict=True):
+                loss = torch.nn.functional.mse_loss(model.hidden_state(batch), target)
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
                 value = float(loss.detach())
@@ -173,7 +179,7 @@ def _train(
 
 
 @torch.no_grad()
-def hidden_mse(model: QuantLlama, batches: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]) -> float:
+def hidden_mse(model: Simulated, batches: Sequence[Batch], targets: Sequence[torch.Tensor]) -> float:
     """Mean MSE of the simulated (fully quantized) model's final hidden state against the float one."""
     model.set_quant(weights=True, acts=True)
     losses = [

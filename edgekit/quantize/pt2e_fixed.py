@@ -71,7 +71,7 @@ def fixed_range_program(
         raise EdgekitError(f"XNNPACK runs 8-bit weights; this plan has {spec.weight_bits}-bit weights")
     module = copy.deepcopy(module).eval()
     if spec.fuse_rms_norm:
-        _quantize_norm_weights(module, spec.norm_weight_bits)
+        _quantize_norm_weights(module, spec.norm_weight_bits or 16)
     _quantize_lookup_tables(module)
     example = {name: tensor.contiguous() for name, tensor in example_inputs.items()}
     with torch.no_grad():

@@ -11,6 +11,7 @@ from collections.abc import Iterable
 
 import torch
 
+from edgekit.quantize.encoder import QuantEncoder
 from edgekit.quantize.llama import QuantLlama
 
 EPSILON = 1e-5
@@ -27,22 +28,25 @@ def _pairs(per_dim: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def channel_maxima(model: QuantLlama, batches: Iterable[torch.Tensor]) -> dict[str, torch.Tensor]:
+def channel_maxima(model: QuantLlama | QuantEncoder, batches: Iterable) -> dict[str, torch.Tensor]:
     """Per-channel absolute maxima at the transform sites, float model, transforms as they are."""
     model.set_quant(weights=False, acts=False)
     model.recorder = {}
     try:
-        for input_ids in batches:
-            model.hidden_state(input_ids)
+        for batch in batches:
+            model.hidden_state(batch)
         return model.recorder
     finally:
         model.recorder = None
 
 
 @torch.no_grad()
-def smoothquant_init(model: QuantLlama, batches: Iterable[torch.Tensor], alpha: float = 0.5) -> None:
-    """Set every block's five transform scales from SmoothQuant's rule (model must be at identity)."""
+def smoothquant_init(model: QuantLlama | QuantEncoder, batches: Iterable, alpha: float = 0.5) -> None:
+    """Set every block's transform scales from SmoothQuant's rule (model must be at identity)."""
     stats = channel_maxima(model, batches)
+    if isinstance(model, QuantEncoder):
+        _init_encoder(model, stats, alpha)
+        return
     kv, groups, dim = model.num_kv_heads, model.groups, model.head_dim
     for index, layer in enumerate(model.layers):
         t = model.transforms[index]
@@ -59,3 +63,14 @@ def smoothquant_init(model: QuantLlama, batches: Iterable[torch.Tensor], alpha: 
         t.vo.copy_(_balance(out_max, o_max, alpha))
         # up -> down
         t.ud.copy_(_balance(stats[f"{index}.prod"], mlp.down_proj.weight.abs().amax(dim=0), alpha))
+
+
+def _init_encoder(model: QuantEncoder, stats: dict[str, torch.Tensor], alpha: float) -> None:
+    for index, block in enumerate(model.layers):
+        t = model.transforms[index]
+        t.qk.copy_(_balance(stats[f"{index}.q"], stats[f"{index}.k"], alpha))
+        t.vo.copy_(_balance(stats[f"{index}.attn_out"], block.o.weight.abs().amax(dim=0), alpha))
+        if model.pre_norm:
+            qkv = torch.cat([block.q.weight, block.k.weight, block.v.weight]).abs().amax(dim=0)
+            t.attn.copy_(_balance(stats[f"{index}.attn_in"], qkv, alpha))
+            t.mlp.copy_(_balance(stats[f"{index}.mlp_in"], block.fc1.weight.abs().amax(dim=0), alpha))

@@ -37,6 +37,8 @@ class QuantSpec:
     # module name patterns that keep per-channel weights even when weight_per_channel is False
     per_channel_modules: tuple[str, ...] = ()
     samples: int = 64
-    # run each RMSNorm as one op (its statistics internal, as NPUs do) with weights of these bits
+    # run each RMSNorm as one op (its statistics internal, as NPUs do)
     fuse_rms_norm: bool = False
-    norm_weight_bits: Literal[8, 16] = 16
+    # norm weights (fused RMSNorm, LayerNormalization) symmetric per tensor at these bits; None: the
+    # quantizer's weight type (a fused RMSNorm then takes 16)
+    norm_weight_bits: Literal[8, 16] | None = None

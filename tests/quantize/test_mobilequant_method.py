@@ -57,8 +57,8 @@ def test_each_transform_keeps_the_float_function(float_model, names) -> None:
 
 @torch.no_grad()
 def test_smoothquant_init_balances_and_stays_equivalent(float_model) -> None:
-    batches = mobilequant.batches_of(calib(), 2)
     model = QuantLlama(float_model, clip_init=40.0)
+    batches = mobilequant.model_batches(model, calib(), 2)
     before = channel_maxima(model, batches)
     smoothquant_init(model, batches, alpha=0.5)
     assert any(float((p - 1).abs().max()) > 0.01 for p in model.transform_parameters())
@@ -169,9 +169,9 @@ def test_log_scales_move_every_scale_by_the_same_factor(float_model) -> None:
 
 def test_optimisation_trains_every_parameter_group(float_model) -> None:
     config = mobilequant.Config(samples=6, seq_len=24, epochs=2, batch_size=2)
-    model, facts = mobilequant.quantize_llama(float_model, calib(), config, show_progress=False)
+    model, facts = mobilequant.quantize_model(float_model, calib(), config, show_progress=False)
     assert facts["steps"] == 6 and np.isfinite(facts["loss_last"])
-    reference, _ = mobilequant.quantize_llama(
+    reference, _ = mobilequant.quantize_model(
         float_model, calib(), mobilequant.Config(samples=6, seq_len=24, epochs=0), show_progress=False
     )
     moved = lambda a, b: any(float((x - y).abs().max()) > 0 for x, y in zip(a, b, strict=True))  # noqa: E731
@@ -184,7 +184,7 @@ def test_optimisation_trains_every_parameter_group(float_model) -> None:
 def test_overrides_name_modules_and_carry_the_papers_bits(float_model) -> None:
     for int8_only in (False, True):
         config = mobilequant.Config(samples=4, seq_len=16, epochs=0, learn=False, int8_only=int8_only)
-        model, _ = mobilequant.quantize_llama(float_model, calib(4, 16), config, show_progress=False)
+        model, _ = mobilequant.quantize_model(float_model, calib(4, 16), config, show_progress=False)
         table = model.overrides()
         modules = dict(model.named_modules())
         assert set(table) <= set(modules)

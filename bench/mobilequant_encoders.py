@@ -1,0 +1,169 @@
+"""MobileQuant W8A8 on the encoders: MiniLM-L6 (sentence embeddings) and DINOv2-S/14 (CLS token).
+
+Rows per model: fp32, ptq-int8 (onnxruntime MinMax, matmul inputs only), SmoothQuant α=0.5 + MinMax
+at MobileQuant's bits, MobileQuant W8A8. Each is exported to ONNX by the pipeline and run in
+onnxruntime. Quality is the cosine of the exported file's output to the float model's: MiniLM's
+sentence embedding on the Lee evaluation sentences (60), DINOv2's CLS token on the evaluation photos
+(7) and, because seven is few, on held-out photos of the calibration split (those past the first
+``--heldout-from``; calibration reads the first ``samples``). Per row also: file size and prefill
+latency against fp32 (interleaved in this process), runtime-vs-simulated SQNR, the Snapdragon 8 Gen
+3 NPU profile's integer coverage, and the transform (calibration) time.
+
+Usage: python bench/mobilequant_encoders.py [--models minilm-l6,dinov2-s14] [--rows ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+RESULTS = Path(__file__).parent / "results" / "mobilequant_encoders.json"
+MODELS = {"minilm-l6": 60, "dinov2-s14": 7}  # model -> evaluation samples (the whole eval split)
+ROWS = {
+    "fp32": ("fp32", "32/32"),
+    "ptq-int8": ("ptq-int8", "8/8 (matmul inputs; the rest float)"),
+    "smoothquant+minmax": ("smoothquant-w8a8", "8/8+16"),
+    "mobilequant-w8a8": ("mobilequant-w8a8", "8/8+16"),
+}
+DEVICE = "snapdragon-8gen3-npu"
+
+
+def heldout_cosine(name: str, directory: Path, start: int, count: int) -> dict | None:
+    """DINOv2's CLS cosine to float on calibration-split photos past the calibration ones."""
+    import torch
+
+    from edgekit import data as datasets
+    from edgekit import runtime
+    from edgekit.evaluate import cosine
+    from edgekit.models import load as load_model
+
+    if name != "dinov2-s14":
+        return None
+    bundle = load_model(f"zoo:{name}")
+    items = datasets.items("photos", "calib", None)[start : start + count]
+    session = runtime.load(directory, "onnx")
+    graph = session.graph("main")
+    reference, candidate = [], []
+    for item in items:
+        feeds = bundle.preprocess(item.raw)
+        with torch.no_grad():
+            reference.append(bundle.module(**feeds)[:, 0].numpy())
+        output = session.run({graph.inputs[0].name: feeds["pixel_values"].numpy()})
+        candidate.append(next(iter(output.values()))[:, 0])
+    return {"samples": len(items), "cosine": cosine(np.concatenate(reference), np.concatenate(candidate))}
+
+
+def integer_coverage(directory: Path) -> dict:
+    from edgekit.devices.check import check
+    from edgekit.exporters.onnx_ops import onnx_op_stats
+
+    size = sum(p.stat().st_size for p in directory.iterdir() if p.is_file() and p.suffix in (".onnx", ".data"))
+    verdict = check(onnx_op_stats(directory / "model.onnx"), size, None, DEVICE, "onnx-qdq")
+    return {
+        "integer_coverage_count": verdict.integer_coverage_count,
+        "integer_coverage_flops": verdict.integer_coverage_flops,
+        "device_check_passed": verdict.passed,
+    }
+
+
+def bench_model(name: str, work: Path, rows: list[str], args) -> dict:
+    from edgekit import pipeline
+
+    result: dict = {"model": name, "rows": {}}
+    directories: dict[str, Path] = {}
+    for row in rows:
+        recipe, bits = ROWS[row]
+        out = work / f"{name}-{row}"
+        overrides = [f"samples={args.samples}"] if args.samples and recipe != "fp32" else []
+        print(f"== {name} {row}", file=sys.stderr)
+        started = time.perf_counter()
+        plan = pipeline.plan_export(
+            f"zoo:{name}",
+            recipe,
+            "x86-cpu-onnxruntime",
+            out,
+            "onnx",
+            baseline=False,
+            eval_samples=MODELS[name],
+            overrides=overrides,
+        )
+        report = pipeline.run_export(plan).report
+        entry = report["formats"]["onnx"]
+        check = entry["verification"]
+        facts = {
+            "bits_w_a": bits,
+            "seconds": time.perf_counter() - started,
+            "bytes": entry["bytes"],
+            "quality": entry["quality"],
+            "sqnr_vs_float_db": check["runtime_vs_float"]["sqnr_db"],
+            "sqnr_vs_simulated_db": check["runtime_vs_simulated"]["sqnr_db"],
+            **integer_coverage(out),
+        }
+        if "mobilequant" in report:
+            facts["mobilequant"] = report["mobilequant"]
+        heldout = heldout_cosine(name, out, args.heldout_from, args.heldout)
+        if heldout:
+            facts["heldout_photos"] = heldout
+        result["rows"][row] = facts
+        directories[row] = out
+    if "fp32" in directories:
+        result["latency_ms"] = interleaved_latency(name, directories, args.latency_rounds)
+        fp32 = result["rows"]["fp32"]["bytes"]
+        for row, facts in result["rows"].items():
+            facts["size_ratio"] = facts["bytes"] / fp32
+            facts["latency_ratio"] = result["latency_ms"][row] / result["latency_ms"]["fp32"]
+    return result
+
+
+def interleaved_latency(name: str, directories: dict[str, Path], rounds: int) -> dict[str, float]:
+    from edgekit import pipeline, runtime
+    from edgekit.calibrate import calibration_inputs
+    from edgekit.models import load as load_model
+
+    feeds = calibration_inputs(load_model(f"zoo:{name}"), None, 1, seq_len=128, split="eval")[0]
+    sessions = {row: runtime.load(path, "onnx") for row, path in directories.items()}
+    timings: dict[str, list[float]] = {row: [] for row in sessions}
+    for _ in range(rounds):
+        for row, session in sessions.items():
+            graph = session.graph("main")
+            timings[row].append(session.latency_ms(pipeline._fit_to_graph(feeds, graph), repeats=5, warmup=1))
+    return {row: float(np.median(values)) for row, values in timings.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--rows", default=",".join(ROWS))
+    parser.add_argument("--samples", type=int, default=None, help="calibration samples (default: each recipe's)")
+    parser.add_argument("--heldout-from", type=int, default=100)
+    parser.add_argument("--heldout", type=int, default=60)
+    parser.add_argument("--latency-rounds", type=int, default=5)
+    args = parser.parse_args()
+    previous = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"models": {}}
+    with tempfile.TemporaryDirectory(prefix="edgekit-bench-") as tmp:
+        for name in args.models.split(","):
+            previous["models"][name] = bench_model(name, Path(tmp), args.rows.split(","), args)
+            previous["command"] = "python bench/mobilequant_encoders.py " + " ".join(sys.argv[1:])
+            RESULTS.parent.mkdir(parents=True, exist_ok=True)
+            RESULTS.write_text(json.dumps(previous, indent=2))
+    for name, result in previous["models"].items():
+        print(f"\n{name}")
+        print("| method | bits W/A | cosine to fp32 | held-out | size × | latency × | int coverage | SQNR vs sim | s |")
+        for row, f in result["rows"].items():
+            held = f.get("heldout_photos", {}).get("cosine")
+            print(
+                f"| {row} | {f['bits_w_a']} | {f['quality']['export']:.4f} | "
+                f"{'-' if held is None else f'{held:.4f}'} | {f.get('size_ratio', float('nan')):.3f} | "
+                f"{f.get('latency_ratio', float('nan')):.2f} | {f['integer_coverage_count']:.3f} | "
+                f"{f['sqnr_vs_simulated_db']:.1f} | {f['seconds']:.0f} |"
+            )
+
+
+if __name__ == "__main__":
+    main()
