@@ -32,14 +32,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgekit.errors import EdgekitError
+from edgekit.models.hf import MASK_VALUE
 from edgekit.quantize.fakequant import ActQuant, WeightQuant, symmetric_fake_quant
-from edgekit.quantize.llama import Add, Bits, Softmax, _clamped
+from edgekit.quantize.llama import SCORES_SPAN, Add, Bits, Softmax, clamp_scale
 from edgekit.quantize.spec import TensorOverride
 
-MASK_VALUE = -1.0e4  # additive padding mask, as SentenceEncoder builds it
 LINEARS = ("q", "k", "v", "o", "fc1", "fc2")
-# Softmax-input span below the observed maximum (see QuantLlama: padding scores sit at -1e4).
-SCORES_SPAN = {16: 256.0, 8: 32.0}
 
 
 def layer_sites(pre_norm: bool) -> dict[str, tuple[str, str]]:
@@ -363,15 +361,17 @@ class QuantEncoder(nn.Module):
         for quant in self.act_quants():
             quant.init_from_observed()
         for sites in self.acts:
-            scores = sites["masked"] if "masked" in sites else sites["scores"]
-            span = SCORES_SPAN[scores.bits]
-            scores.set_range(max(float(scores.low), float(scores.high) - span), float(scores.high))
+            # Calibration texts are unpadded, so the masked scores' observed minimum is a real score;
+            # padding (-1e4) must still land far below the maximum: the range reaches span below it.
+            if "masked" in sites:
+                masked = sites["masked"]
+                masked.set_range(float(masked.high) - SCORES_SPAN[masked.bits], float(masked.high))
 
     # -- effective (transformed) weights ------------------------------------------------------------
     def effective(self, index: int) -> dict[str, torch.Tensor]:
         """Block ``index``'s weights, biases and norm parameters with its transforms applied."""
         block, t = self.layers[index], self.transforms[index]
-        s_vo, s_qk = _clamped(t.vo), _clamped(t.qk)
+        s_vo, s_qk = clamp_scale(t.vo), clamp_scale(t.qk)
         w = {name: getattr(block, name).weight for name in LINEARS}
         b = {f"{name}.bias": getattr(block, name).bias for name in LINEARS}
         out = {**w, **b}
@@ -379,7 +379,7 @@ class QuantEncoder(nn.Module):
             out[f"{norm}.weight"] = getattr(block, norm).weight
             out[f"{norm}.bias"] = getattr(block, norm).bias
         if self.pre_norm:
-            s_attn, s_mlp = _clamped(t.attn), _clamped(t.mlp)
+            s_attn, s_mlp = clamp_scale(t.attn), clamp_scale(t.mlp)
             out["norm1.weight"], out["norm1.bias"] = out["norm1.weight"] / s_attn, out["norm1.bias"] / s_attn
             out["norm2.weight"], out["norm2.bias"] = out["norm2.weight"] / s_mlp, out["norm2.bias"] / s_mlp
             for name in ("q", "k", "v"):

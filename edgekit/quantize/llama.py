@@ -141,7 +141,7 @@ class Bits:
         return self.matmul if kind == "matmul" else self.other
 
 
-def _clamped(s: torch.Tensor) -> torch.Tensor:
+def clamp_scale(s: torch.Tensor) -> torch.Tensor:
     """Keep a transform scale away from zero (the inverse would blow up) while keeping its sign."""
     return torch.where(s >= 0, s.clamp_min(1e-5), s.clamp_max(-1e-5))
 
@@ -239,9 +239,9 @@ class QuantLlama(CausalLMWithCache):
         """Block ``index``'s norm weights and projection weights with its transforms applied."""
         layer, t = self.layers[index], self.transforms[index]
         attn, mlp = layer.self_attn, layer.mlp
-        s_attn, s_mlp, s_ud = _clamped(t.attn), _clamped(t.mlp), _clamped(t.ud)
-        s_vo = _clamped(t.vo)
-        s_qk = _clamped(t.qk)
+        s_attn, s_mlp, s_ud = clamp_scale(t.attn), clamp_scale(t.mlp), clamp_scale(t.ud)
+        s_vo = clamp_scale(t.vo)
+        s_qk = clamp_scale(t.qk)
         s_qk = torch.cat((s_qk, s_qk), dim=-1)  # RoPE rotates channel j with j + d/2: equal scales commute
         return {
             "input_layernorm": layer.input_layernorm.weight / s_attn,
