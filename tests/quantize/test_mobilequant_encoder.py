@@ -17,7 +17,8 @@ from transformers import BertConfig, BertModel, Dinov2Config, Dinov2Model
 from edgekit import recipes
 from edgekit.calibrate import calibration_inputs
 from edgekit.errors import EdgekitError
-from edgekit.evaluate import sqnr_db
+from edgekit.evaluate import cosine, sqnr_db
+from edgekit.exporters.verify import onnx_session
 from edgekit.models.bundle import ModelBundle
 from edgekit.models.hf import SentenceEncoder, VisionEncoder
 from edgekit.quantize import mobilequant
@@ -146,7 +147,6 @@ def _graph_tensors(path) -> dict[str, str]:
 def test_the_recipe_exports_its_learned_ranges_as_an_integer_graph(family, tmp_path) -> None:
     from edgekit.devices.check import check
     from edgekit.exporters.onnx_ops import onnx_op_stats
-    from edgekit.exporters.verify import onnx_session
 
     bundle = BUILDERS[family]()
     data = numpy_feeds(sample_feeds(family, 6))
@@ -199,21 +199,13 @@ def test_two_layers_of_a_real_encoder_through_the_recipe(name, tmp_path) -> None
     from edgekit.models import load
 
     bundle = _sliced(load(f"zoo:{name}"))
-    recipe = recipes.load("mobilequant-w8a8", {"samples": "4", "epochs": "1", "batch_size": "2"})
+    recipe = recipes.load("mobilequant-w8a8", {"samples": "4", "epochs": "2", "batch_size": "2"})
     calib = calibration_inputs(bundle, None, recipe.settings.samples)
     quantized = recipe.transform_module().apply(bundle, calib, recipe.settings)
     assert quantized.meta["mobilequant"]["mse_final"] < quantized.meta["mobilequant"]["mse_init"]
     result = onnx_exporter.export_onnx(quantized, tmp_path, calib)
-    session = onnx_exporter_session(result.graphs["model"].path)
     feed = calibration_inputs(bundle, None, 1, split="eval")[0]
-    runtime = session.run(None, feed)[0]
+    runtime = onnx_session(result.graphs["model"].path).run(None, feed)[0]
     with torch.no_grad():
         reference = bundle.module(**{k: torch.as_tensor(v) for k, v in feed.items()}).numpy()
-    cosine = float((runtime * reference).sum() / np.linalg.norm(runtime) / np.linalg.norm(reference))
-    assert cosine > 0.98, cosine
-
-
-def onnx_exporter_session(path):
-    from edgekit.exporters.verify import onnx_session
-
-    return onnx_session(path)
+    assert cosine(reference, runtime) > 0.98
