@@ -22,6 +22,7 @@ from edgekit.quantize.fakequant import WeightQuant, symmetric_fake_quant
 from edgekit.quantize.spec import QuantSpec, TensorOverride
 
 _LINEAR = torch.ops.aten.linear.default
+_CONV = torch.ops.aten.conv2d.default
 # ops that only move values: XNNPACK runs them on int8 tensors only between a dequantize and a
 # quantize of the same grid, so a fixed site's grid is carried through them
 _DATA_MOVES = {
@@ -70,8 +71,8 @@ def fixed_range_program(
     if spec.weight_bits != 8:
         raise EdgekitError(f"XNNPACK runs 8-bit weights; this plan has {spec.weight_bits}-bit weights")
     module = copy.deepcopy(module).eval()
-    if spec.fuse_rms_norm:
-        _quantize_norm_weights(module, spec.norm_weight_bits or 16)
+    if spec.norm_weight_bits is not None:
+        _quantize_norm_weights(module, spec.norm_weight_bits)
     _quantize_lookup_tables(module)
     example = {name: tensor.contiguous() for name, tensor in example_inputs.items()}
     with torch.no_grad():
@@ -85,10 +86,11 @@ def fixed_range_program(
 
 
 def _quantize_norm_weights(module: torch.nn.Module, bits: int) -> None:
-    """Store each RMSNorm weight at its quantized value, as the simulation multiplies by it."""
+    """Store each RMSNorm / LayerNorm weight at its quantized value, as the simulation multiplies by it."""
     with torch.no_grad():
         for child in module.modules():
-            if type(child).__name__.endswith("RMSNorm") and isinstance(getattr(child, "weight", None), torch.Tensor):
+            norm = isinstance(child, torch.nn.LayerNorm) or type(child).__name__.endswith("RMSNorm")
+            if norm and isinstance(getattr(child, "weight", None), torch.Tensor):
                 child.weight.copy_(symmetric_fake_quant(child.weight, bits))
 
 
@@ -136,7 +138,8 @@ def _annotate(model: torch.fx.GraphModule, spec: QuantSpec, sites: Mapping[str, 
     from torchao.quantization.pt2e.quantizer import QuantizationAnnotation
     from torchao.quantization.pt2e.quantizer.quantizer import Q_ANNOTATION_KEY
 
-    outputs = module_output_nodes(model)
+    # a site is a module's output or a graph input (an encoder's pixels)
+    outputs = module_output_nodes(model) | {n.name: n for n in model.graph.nodes if n.op == "placeholder"}
     prefix = _common_prefix(outputs, sites)
     missing = [path for path in sites if prefix + path not in outputs]
     if missing:
@@ -152,7 +155,7 @@ def _annotate(model: torch.fx.GraphModule, spec: QuantSpec, sites: Mapping[str, 
     weights = {channel: get_symmetric_quantization_config(is_per_channel=channel).weight for channel in (False, True)}
     for node in model.graph.nodes:
         inputs = {}
-        if node.op == "call_function" and node.target == _LINEAR:
+        if node.op == "call_function" and node.target in (_LINEAR, _CONV):
             path = _module_path(node).removeprefix(prefix)
             per_channel = spec.weight_per_channel or any(fnmatch(path, p) for p in spec.per_channel_modules)
             inputs[node.args[1]] = weights[per_channel]
