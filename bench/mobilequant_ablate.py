@@ -24,7 +24,7 @@ GROUPS = {
     "down_proj input": ["prod"],
     "attention matmul inputs (q, k, v, probs)": ["q_rope", "k_rope", "v", "probs"],
     "q/k projection outputs": ["q", "k"],
-    "softmax input": ["scores"],
+    "softmax input": ["scores", "masked"],
     "softmax output": ["probs"],
     "o_proj output": ["o"],
     "down_proj output": ["down"],

@@ -351,7 +351,7 @@ def _export_lm(
         )
         notes += q_notes
         if decode:
-            decode_overrides, o_notes = _overrides_by_module(prefill_fp32, spec.overrides, "model.")
+            decode_overrides, o_notes = _overrides_by_module(prefill_fp32, decode_fp32, spec.overrides, "model.")
             notes += o_notes
             say("building decode calibration feeds from the fp32 prefill graph")
             decode_feeds = decode_calibration_feeds(prefill_fp32, samples, layers)
@@ -390,29 +390,35 @@ def _export_lm(
 
 
 def _overrides_by_module(
-    prefill_path: Path, overrides: dict[str, TensorOverride], prefix: str
+    prefill_path: Path, decode_path: Path, overrides: dict[str, TensorOverride], prefix: str
 ) -> tuple[dict[str, TensorOverride], list[str]]:
     """The prefill graph's overrides keyed by module path, so they find the same tensors in decode.
 
     Tensor names differ between the two traced graphs; module paths do not. An override on a
-    tensor that is no module's output stays with the prefill graph (noted).
+    tensor that is no module's output, or on a module decode does not run (the causal-mask add),
+    stays with the prefill graph (noted).
     """
     if not overrides:
         return {}, []
     model = onnx.load(str(prefill_path), load_external_data=False)
     by_module = module_outputs(model, module_scopes(model, prefix))
+    decode = onnx.load(str(decode_path), load_external_data=False)
+    in_decode = module_outputs(decode, module_scopes(decode, prefix))
     module_of: dict[str, str] = {}
     for path, tensor in by_module.items():  # the most specific module producing each tensor
         if len(path) > len(module_of.get(tensor, "")):
             module_of[tensor] = path
-    translated, notes = {}, []
+    translated, prefill_only = {}, []
     for key, value in overrides.items():
-        if key in by_module:
-            translated[key] = value
-        elif key in module_of:
-            translated[module_of[key]] = value
+        path = key if key in by_module else module_of.get(key)
+        if path is not None and path in in_decode:
+            translated[path] = value
         else:
-            notes.append(f"override on '{key}' applies to the prefill graph only (not a module output)")
+            prefill_only.append(key)
+    notes = []
+    if prefill_only:
+        shown = ", ".join(prefill_only[:3]) + (" ..." if len(prefill_only) > 3 else "")
+        notes.append(f"{len(prefill_only)} override(s) apply to the prefill graph only (not in decode): {shown}")
     return translated, notes
 
 

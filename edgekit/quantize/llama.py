@@ -42,6 +42,7 @@ LAYER_SITES: dict[str, tuple[str, str]] = {
     "q_rope": ("matmul", "ops.{i}.q_rope"),
     "k_rope": ("matmul", "ops.{i}.k_rope"),
     "scores": ("other", "ops.{i}.scores"),
+    "masked": ("other", "ops.{i}.masked"),  # prefill only: decode attends to every past token
     "probs": ("other", "ops.{i}.softmax"),
     "attn_out": ("matmul", "ops.{i}.attn_out"),
     "o": ("other", "layers.{i}.self_attn.o_proj"),
@@ -74,13 +75,12 @@ class Rope(nn.Module):
 
 
 class Scores(nn.Module):
-    def __init__(self, scaling: float) -> None:
-        super().__init__()
-        self.scaling = scaling
+    """q·kᵀ alone: 1/√d is folded into q_proj and the causal mask is its own site. Inside one module
+    the raw product is an intermediate tensor, which the QDQ graph quantized with an 8-bit MinMax
+    range the simulation never saw."""
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        scores = torch.matmul(q, k[:, :, None].transpose(-1, -2)) * self.scaling
-        return scores if mask is None else scores + mask
+    def forward(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(q, k[:, :, None].transpose(-1, -2))
 
 
 class Softmax(nn.Module):
@@ -104,10 +104,11 @@ class Mul(nn.Module):
 
 
 class LayerOps(nn.Module):
-    def __init__(self, scaling: float) -> None:
+    def __init__(self) -> None:
         super().__init__()
         self.q_rope, self.k_rope = Rope(), Rope()
-        self.scores = Scores(scaling)
+        self.scores = Scores()
+        self.masked = Add()
         self.softmax = Softmax()
         self.attn_out = AttnOut()
         self.res_attn, self.res_mlp = Add(), Add()
@@ -167,7 +168,10 @@ class QuantLlama(CausalLMWithCache):
         config = self.config
         hidden = int(config.hidden_size)
         intermediate = int(config.intermediate_size)
-        self.ops = nn.ModuleList(LayerOps(self.scaling) for _ in self.layers)
+        with torch.no_grad():  # attention's 1/√d into q_proj (RoPE is linear; exact for d = 64)
+            for layer in self.layers:
+                layer.self_attn.q_proj.weight.mul_(self.scaling)
+        self.ops = nn.ModuleList(LayerOps() for _ in self.layers)
         self.transforms = nn.ModuleList(
             LayerTransforms(hidden, self.num_kv_heads, self.head_dim, intermediate) for _ in self.layers
         )
@@ -226,9 +230,9 @@ class QuantLlama(CausalLMWithCache):
         for sites in self.acts:
             # The masked scores (MASK_VALUE) would stretch the softmax input's grid over 1e4; softmax
             # is shift-invariant, so scores far below the maximum only need to stay far below it.
-            scores = sites["scores"]
-            span = SCORES_SPAN[scores.bits]
-            scores.set_range(max(float(scores.low), float(scores.high) - span), float(scores.high))
+            masked = sites["masked"]
+            span = SCORES_SPAN[masked.bits]
+            masked.set_range(max(float(masked.low), float(masked.high) - span), float(masked.high))
 
     # -- effective (transformed) weights ----------------------------------------------------------
     def _expand_heads(self, per_kv: torch.Tensor) -> torch.Tensor:
@@ -335,7 +339,9 @@ class QuantLlama(CausalLMWithCache):
         if past_k is not None:
             k = torch.cat((past_k, k), dim=2)
             v = torch.cat((past_v, v), dim=2)
-        scores = act["scores"](ops.scores(q, k, mask))
+        scores = act["scores"](ops.scores(q, k))
+        if mask is not None:
+            scores = act["masked"](ops.masked(scores, mask))
         probs = act["probs"](ops.softmax(scores))
         out = act["attn_out"](ops.attn_out(probs, v)).permute(0, 3, 1, 2, 4).reshape(batch, length, -1)
         self._record(f"{index}.attn_out", out, (0, 1))
