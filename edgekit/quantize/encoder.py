@@ -33,7 +33,7 @@ from torch import nn
 
 from edgekit.errors import EdgekitError
 from edgekit.models.hf import MASK_VALUE
-from edgekit.quantize.fakequant import ActQuant, WeightQuant, symmetric_fake_quant
+from edgekit.quantize.fakequant import ActQuant, QuantSwitches, WeightQuant, symmetric_fake_quant
 from edgekit.quantize.llama import SCORES_SPAN, Add, Bits, Softmax, clamp_scale
 from edgekit.quantize.spec import TensorOverride
 
@@ -262,7 +262,7 @@ def _check_gelu(config) -> None:
         raise EdgekitError(f"MobileQuant's encoder path supports exact GELU MLPs, not '{act}'")
 
 
-class QuantEncoder(nn.Module):
+class QuantEncoder(nn.Module, QuantSwitches):
     """The simulated (fake-quant) encoder and, after :meth:`fold`, the exportable float one."""
 
     def __init__(self, float_module: nn.Module, bits: Bits = Bits(), clip_init: float = 4.0) -> None:
@@ -331,30 +331,9 @@ class QuantEncoder(nn.Module):
         self.recorder: dict[str, torch.Tensor] | None = None
         self.set_quant(weights=False, acts=False)
 
-    # -- switches (the interface the optimiser and SmoothQuant share with QuantLlama) --------------
-    def act_quants(self) -> list[ActQuant]:
-        return [q for sites in self.acts for q in sites.values()] + list(self.head_acts.values())
-
+    # -- switches: QuantSwitches, over these quantizers ------------------------------------------
     def weight_quants(self) -> list[WeightQuant]:
         return [q for quants in self.wquant for q in quants.values()] + [self.embed_wquant]
-
-    def set_quant(self, weights: bool, acts: bool) -> QuantEncoder:
-        for quant in self.weight_quants():
-            quant.enabled = weights and not self.folded
-        self.quant_norm_weights = weights and not self.folded  # and the 16-bit constant tables
-        for quant in self.act_quants():
-            quant.enabled = acts
-        return self
-
-    def observe(self, on: bool) -> None:
-        for quant in self.act_quants():
-            quant.observing = on
-
-    def transform_parameters(self) -> list[nn.Parameter]:
-        return [p for t in self.transforms for p in t.parameters()]
-
-    def clip_parameters(self) -> list[nn.Parameter]:
-        return [q.logit for q in self.weight_quants() if q.learn]
 
     @torch.no_grad()
     def init_ranges(self) -> None:
@@ -511,9 +490,9 @@ class QuantEncoder(nn.Module):
         if self.embed_wquant.enabled:
             weight = self.embed_wquant(conv.weight.flatten(1)).view_as(conv.weight)
         patches = embed(acts["patches"](embed.patches(acts["pixels"](pixels), weight)))
-        positions = embed.positions
+        positions = embed.positions  # a constant operand: stored at the add's bits (see the exporter)
         if self.quant_norm_weights:
-            positions = symmetric_fake_quant(positions, 16)
+            positions = symmetric_fake_quant(positions, self.bits.other)
         return acts["tokens"](embed.add(patches, positions))
 
     def hidden_state(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

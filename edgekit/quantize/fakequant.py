@@ -134,3 +134,42 @@ def symmetric_fake_quant(weight: torch.Tensor, bits: int) -> torch.Tensor:
     steps = float(2 ** (bits - 1) - 1)
     scale = (weight.detach().abs().amax() / steps).clamp_min(1e-12)
     return torch.clamp(round_ste(weight / scale), -steps, steps) * scale
+
+
+class QuantSwitches:
+    """The switches both simulated models (LLaMA, encoders) share over their fake-quant modules.
+
+    A subclass holds ``acts`` (one ModuleDict of :class:`ActQuant` per block), ``head_acts``,
+    ``transforms`` and ``folded``, and lists its :class:`WeightQuant` modules in ``weight_quants``.
+    ``quant_norm_weights`` follows the weight switch (norm weights and constant tables).
+    """
+
+    acts: nn.ModuleList
+    head_acts: nn.ModuleDict
+    transforms: nn.ModuleList
+    folded: bool
+    quant_norm_weights: bool
+
+    def weight_quants(self) -> list[WeightQuant]:
+        raise NotImplementedError
+
+    def act_quants(self) -> list[ActQuant]:
+        return [q for sites in self.acts for q in sites.values()] + list(self.head_acts.values())
+
+    def set_quant(self, weights: bool, acts: bool):
+        for quant in self.weight_quants():
+            quant.enabled = weights and not self.folded
+        self.quant_norm_weights = weights and not self.folded
+        for quant in self.act_quants():
+            quant.enabled = acts
+        return self
+
+    def observe(self, on: bool) -> None:
+        for quant in self.act_quants():
+            quant.observing = on
+
+    def transform_parameters(self) -> list[nn.Parameter]:
+        return [p for t in self.transforms for p in t.parameters()]
+
+    def clip_parameters(self) -> list[nn.Parameter]:
+        return [q.logit for q in self.weight_quants() if q.learn]

@@ -28,7 +28,7 @@ from torch import nn
 
 from edgekit.errors import EdgekitError
 from edgekit.models.llama import MASK_VALUE, CausalLMWithCache, _rotate_half
-from edgekit.quantize.fakequant import ActQuant, WeightQuant, symmetric_fake_quant
+from edgekit.quantize.fakequant import ActQuant, QuantSwitches, WeightQuant, symmetric_fake_quant
 from edgekit.quantize.spec import TensorOverride
 
 # site -> (kind, module path inside the model, with {i} the layer index). "matmul" sites feed a
@@ -147,7 +147,7 @@ def clamp_scale(s: torch.Tensor) -> torch.Tensor:
     return torch.where(s >= 0, s.clamp_min(1e-5), s.clamp_max(-1e-5))
 
 
-class QuantLlama(CausalLMWithCache):
+class QuantLlama(CausalLMWithCache, QuantSwitches):
     """The simulated (fake-quant) and, after :meth:`fold`, the exportable float model."""
 
     def __init__(self, float_model: CausalLMWithCache, bits: Bits = Bits(), clip_init: float = 4.0) -> None:
@@ -198,29 +198,8 @@ class QuantLlama(CausalLMWithCache):
         self.set_quant(weights=False, acts=False)
 
     # -- switches -------------------------------------------------------------------------------
-    def act_quants(self) -> list[ActQuant]:
-        return [q for sites in self.acts for q in sites.values()] + list(self.head_acts.values())
-
     def weight_quants(self) -> list[WeightQuant]:
         return [q for quants in self.wquant for q in quants.values()] + [self.head_wquant]
-
-    def set_quant(self, weights: bool, acts: bool) -> QuantLlama:
-        for quant in self.weight_quants():
-            quant.enabled = weights and not self.folded
-        self.quant_norm_weights = weights and not self.folded
-        for quant in self.act_quants():
-            quant.enabled = acts
-        return self
-
-    def observe(self, on: bool) -> None:
-        for quant in self.act_quants():
-            quant.observing = on
-
-    def transform_parameters(self) -> list[nn.Parameter]:
-        return [p for t in self.transforms for p in t.parameters()]
-
-    def clip_parameters(self) -> list[nn.Parameter]:
-        return [q.logit for q in self.weight_quants() if q.learn]
 
     @torch.no_grad()
     def init_ranges(self) -> None:
