@@ -325,11 +325,8 @@ class QuantEncoder(nn.Module, QuantSwitches):
             self.embed_wquant = WeightQuant(self.embed.patches.conv.out_channels, bits.weight, True, clip_init)
         else:
             self.embed_wquant = WeightQuant(self.embed.word.num_embeddings, 8, True, learn=False)
-        for parameter in self.parameters():  # the optimiser switches on what it trains
-            parameter.requires_grad_(False)
-        self.folded = False
         self.recorder: dict[str, torch.Tensor] | None = None
-        self.set_quant(weights=False, acts=False)
+        self.switch_off()
 
     # -- switches: QuantSwitches, over these quantizers ------------------------------------------
     def weight_quants(self) -> list[WeightQuant]:
@@ -490,9 +487,11 @@ class QuantEncoder(nn.Module, QuantSwitches):
         if self.embed_wquant.enabled:
             weight = self.embed_wquant(conv.weight.flatten(1)).view_as(conv.weight)
         patches = embed(acts["patches"](embed.patches(acts["pixels"](pixels), weight)))
-        positions = embed.positions  # a constant operand: stored at the add's bits (see the exporter)
+        # A constant operand of a 16-bit add: the QDQ exporter stores it at 16 bits. (The int8-only
+        # plan's ONNX file stores it at int8 and its .pte keeps it float; 16 bits stays near both.)
+        positions = embed.positions
         if self.quant_norm_weights:
-            positions = symmetric_fake_quant(positions, self.bits.other)
+            positions = symmetric_fake_quant(positions, 16)
         return acts["tokens"](embed.add(patches, positions))
 
     def hidden_state(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -153,6 +153,14 @@ class QuantSwitches:
     def weight_quants(self) -> list[WeightQuant]:
         raise NotImplementedError
 
+    def switch_off(self) -> None:
+        """The state a model starts in: every parameter frozen (the optimiser switches on what it
+        trains), nothing folded, no quantization."""
+        for parameter in self.parameters():
+            parameter.requires_grad_(False)
+        self.folded = False
+        self.set_quant(weights=False, acts=False)
+
     def act_quants(self) -> list[ActQuant]:
         return [q for sites in self.acts for q in sites.values()] + list(self.head_acts.values())
 

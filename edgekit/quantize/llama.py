@@ -191,11 +191,8 @@ class QuantLlama(CausalLMWithCache, QuantSwitches):
         # The embedding table gets the same per-row grid, so a tied model's lookup and head read one
         # stored int8 table (the exporter writes a tensor and its transpose once; not packed int4).
         self.head_wquant = WeightQuant(self.lm_head.out_features, 8 if bits.weight == 8 else 4, True, learn=False)
-        for parameter in self.parameters():  # the optimiser switches on what it trains
-            parameter.requires_grad_(False)
-        self.folded = False
         self.recorder: dict[str, torch.Tensor] | None = None
-        self.set_quant(weights=False, acts=False)
+        self.switch_off()
 
     # -- switches -------------------------------------------------------------------------------
     def weight_quants(self) -> list[WeightQuant]:
