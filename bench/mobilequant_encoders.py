@@ -113,7 +113,7 @@ def bench_model(name: str, work: Path, rows: list[str], args) -> dict:
         result["rows"][row] = facts
         directories[row] = out
     if "fp32" in directories:
-        result["latency_ms"] = interleaved_latency(name, directories, args.latency_rounds)
+        result["latency_ms"] = row_latency(name, directories, args.latency_rounds)
         fp32 = result["rows"]["fp32"]["bytes"]
         for row, facts in result["rows"].items():
             facts["size_ratio"] = facts["bytes"] / fp32
@@ -121,19 +121,15 @@ def bench_model(name: str, work: Path, rows: list[str], args) -> dict:
     return result
 
 
-def interleaved_latency(name: str, directories: dict[str, Path], rounds: int) -> dict[str, float]:
-    from edgekit import pipeline, runtime
+def row_latency(name: str, directories: dict[str, Path], rounds: int) -> dict[str, float]:
+    """Each row's ONNX latency on one evaluation input, rows alternated (export_baseline's helper)."""
+    from export_baseline import interleaved_latency
+
     from edgekit.calibrate import calibration_inputs
     from edgekit.models import load as load_model
 
     feeds = calibration_inputs(load_model(f"zoo:{name}"), None, 1, seq_len=128, split="eval")[0]
-    sessions = {row: runtime.load(path, "onnx") for row, path in directories.items()}
-    timings: dict[str, list[float]] = {row: [] for row in sessions}
-    for _ in range(rounds):
-        for row, session in sessions.items():
-            graph = session.graph("main")
-            timings[row].append(session.latency_ms(pipeline._fit_to_graph(feeds, graph), repeats=5, warmup=1))
-    return {row: float(np.median(values)) for row, values in timings.items()}
+    return interleaved_latency(directories, "onnx", feeds, rounds)
 
 
 def main() -> None:

@@ -46,6 +46,11 @@ def supported() -> str:
 
 
 # -- wrappers ------------------------------------------------------------------------------------
+def additive_padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, S] keep-mask (1 = token) -> [B, 1, 1, S] additive mask (0 or MASK_VALUE) for the scores."""
+    return ((1.0 - attention_mask.to(torch.float32)) * MASK_VALUE)[:, None, None, :]
+
+
 class SentenceEncoder(nn.Module):
     """``(input_ids, attention_mask) -> [B, D]`` sentence embedding over a BERT-like encoder.
 
@@ -65,7 +70,7 @@ class SentenceEncoder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         keep = attention_mask.to(torch.float32)
-        additive = ((1.0 - keep) * MASK_VALUE)[:, None, None, :]
+        additive = additive_padding_mask(attention_mask)
         extra = {"token_type_ids": torch.zeros_like(input_ids)} if self.uses_token_types else {}
         hidden = self.encoder(input_ids=input_ids, attention_mask=additive, **extra).last_hidden_state
         if self.pooling == "cls":

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgekit.errors import EdgekitError
-from edgekit.models.hf import MASK_VALUE
+from edgekit.models.hf import additive_padding_mask
 from edgekit.quantize.fakequant import ActQuant, QuantSwitches, WeightQuant, symmetric_fake_quant
 from edgekit.quantize.llama import SCORES_SPAN, Add, Bits, Softmax, clamp_scale
 from edgekit.quantize.spec import TensorOverride
@@ -267,8 +267,8 @@ class QuantEncoder(nn.Module, QuantSwitches):
 
     def __init__(self, float_module: nn.Module, bits: Bits = Bits(), clip_init: float = 4.0) -> None:
         super().__init__()
-        family = encoder_family(float_module)
-        if family == "bert":
+        self.family = encoder_family(float_module)  # "bert" or "dinov2": picks the learning rate
+        if self.family == "bert":
             inner = float_module.encoder
             self.pre_norm, config = False, inner.config
             _check_gelu(config)
@@ -386,10 +386,7 @@ class QuantEncoder(nn.Module, QuantSwitches):
         if self.pre_norm:
             conv = self.embed.patches.conv
             conv.weight.copy_(self.embed_wquant.clip(conv.weight.flatten(1)).view_as(conv.weight))
-        self.folded = True
-        for quant in self.weight_quants():
-            quant.enabled = False
-        self.quant_norm_weights = False
+        self.mark_folded()
         return self
 
     # -- forward ----------------------------------------------------------------------------------
@@ -411,16 +408,25 @@ class QuantEncoder(nn.Module, QuantSwitches):
             out = F.linear(flat, self.wquant[index][name](values[name]), values[f"{name}.bias"])
         return out.view(*x.shape[:-1], out.shape[-1])
 
-    def _norm(self, index: int, name: str, x: torch.Tensor, values: dict[str, torch.Tensor] | None):
-        """LayerNorm as the exported graph runs it: one op, its weight and bias 16-bit per tensor."""
+    def _block_norm(self, index: int, name: str, x: torch.Tensor, values: dict[str, torch.Tensor] | None):
         module = getattr(self.layers[index], name)
-        if values is None and not self.quant_norm_weights:
-            return module(x)
-        weight = module.weight if values is None else values[f"{name}.weight"]
-        bias = module.bias if values is None else values[f"{name}.bias"]
-        return self._layer_norm(module, x, weight, bias)
+        if values is None:
+            return self._norm(module, x)
+        return self._norm(module, x, values[f"{name}.weight"], values[f"{name}.bias"])
 
-    def _layer_norm(self, module: nn.LayerNorm, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor):
+    def _norm(
+        self,
+        module: nn.LayerNorm,
+        x: torch.Tensor,
+        weight: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """LayerNorm as the exported graph runs it: one op, its weight quantized per tensor; the
+        module's own parameters unless transformed ones are given."""
+        if weight is None and not self.quant_norm_weights:
+            return module(x)  # the folded model: traced inside the norm module's scope
+        weight = module.weight if weight is None else weight
+        bias = module.bias if bias is None else bias
         if self.quant_norm_weights:
             weight = symmetric_fake_quant(weight, self.bits.norm_weight)
         return F.layer_norm(x, module.normalized_shape, weight, bias, module.eps)
@@ -454,16 +460,16 @@ class QuantEncoder(nn.Module, QuantSwitches):
         ops, act = self.ops[index], self.acts[index]
         values = None if self.folded else self.effective(index)
         if self.pre_norm:
-            x = act["norm1"](self._norm(index, "norm1", hidden, values))
+            x = act["norm1"](self._block_norm(index, "norm1", hidden, values))
             self._record(f"{index}.attn_in", x)
             hidden = act["res_attn"](ops.res_attn(hidden, self._attention(index, x, mask, values)))
-            x = act["norm2"](self._norm(index, "norm2", hidden, values))
+            x = act["norm2"](self._block_norm(index, "norm2", hidden, values))
             self._record(f"{index}.mlp_in", x)
             return act["res_mlp"](ops.res_mlp(hidden, self._mlp(index, x, values)))
         hidden = act["res_attn"](ops.res_attn(hidden, self._attention(index, hidden, mask, values)))
-        hidden = act["norm1"](self._norm(index, "norm1", hidden, values))
+        hidden = act["norm1"](self._block_norm(index, "norm1", hidden, values))
         hidden = act["res_mlp"](ops.res_mlp(hidden, self._mlp(index, hidden, values)))
-        return act["norm2"](self._norm(index, "norm2", hidden, values))
+        return act["norm2"](self._block_norm(index, "norm2", hidden, values))
 
     def _embed_text(self, input_ids: torch.Tensor) -> torch.Tensor:
         acts, embed = self.head_acts, self.embed
@@ -473,12 +479,7 @@ class QuantEncoder(nn.Module, QuantSwitches):
             words = embed.word(input_ids)
         words, positions = acts["word"](words), acts["positions"](embed.positions(input_ids))
         summed = acts["sum"](embed.add(words, positions))
-        norm = embed.norm
-        if self.quant_norm_weights:
-            normed = self._layer_norm(norm, summed, norm.weight, norm.bias)
-        else:
-            normed = norm(summed)
-        return acts["embed_norm"](normed)
+        return acts["embed_norm"](self._norm(embed.norm, summed))
 
     def _embed_image(self, pixels: torch.Tensor) -> torch.Tensor:
         acts, embed = self.head_acts, self.embed
@@ -500,14 +501,8 @@ class QuantEncoder(nn.Module, QuantSwitches):
             hidden = self._embed_image(batch["pixel_values"])
             for index in range(len(self.layers)):
                 hidden = self._block(index, hidden, None)
-            norm = self.norm
-            if self.quant_norm_weights:
-                hidden = self._layer_norm(norm, hidden, norm.weight, norm.bias)
-            else:
-                hidden = norm(hidden)
-            return self.head_acts["final"](hidden)
-        keep = batch["attention_mask"].to(torch.float32)
-        mask = ((1.0 - keep) * MASK_VALUE)[:, None, None, :]
+            return self.head_acts["final"](self._norm(self.norm, hidden))
+        mask = additive_padding_mask(batch["attention_mask"])
         hidden = self._embed_text(batch["input_ids"])
         for index in range(len(self.layers)):
             hidden = self._block(index, hidden, mask)

@@ -161,6 +161,14 @@ class QuantSwitches:
         self.folded = False
         self.set_quant(weights=False, acts=False)
 
+    def mark_folded(self) -> None:
+        """After a fold wrote transforms and clipping into the weights: weight fake-quant is off for
+        good (the folded weights are what the exporter quantizes); activation switches stay."""
+        self.folded = True
+        for quant in self.weight_quants():
+            quant.enabled = False
+        self.quant_norm_weights = False
+
     def act_quants(self) -> list[ActQuant]:
         return [q for sites in self.acts for q in sites.values()] + list(self.head_acts.values())
 

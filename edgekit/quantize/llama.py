@@ -150,6 +150,8 @@ def clamp_scale(s: torch.Tensor) -> torch.Tensor:
 class QuantLlama(CausalLMWithCache, QuantSwitches):
     """The simulated (fake-quant) and, after :meth:`fold`, the exportable float model."""
 
+    family = "llama"
+
     def __init__(self, float_model: CausalLMWithCache, bits: Bits = Bits(), clip_init: float = 4.0) -> None:
         model = copy.deepcopy(float_model)
         base = SimpleNamespace(embed_tokens=model.embed_tokens, layers=model.layers, norm=model.norm)
@@ -162,8 +164,6 @@ class QuantLlama(CausalLMWithCache, QuantSwitches):
             for name in LINEARS:
                 if _linear(layer, name).bias is not None:
                     raise EdgekitError(f"MobileQuant's LLaMA path expects bias-free projections ({name} has one)")
-        for parameter in self.parameters():
-            parameter.requires_grad_(False)
         self.bits = bits
         config = self.config
         hidden = int(config.hidden_size)
@@ -252,10 +252,7 @@ class QuantLlama(CausalLMWithCache, QuantSwitches):
                 _linear(layer, name).weight.copy_(self.wquant[index][name].clip(weights[name]))
             for parameter in self.transforms[index].parameters():
                 parameter.fill_(1.0)
-        self.folded = True
-        for quant in self.weight_quants():
-            quant.enabled = False
-        self.quant_norm_weights = False
+        self.mark_folded()
         return self
 
     # -- forward ------------------------------------------------------------------------------------

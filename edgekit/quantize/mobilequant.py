@@ -23,7 +23,7 @@ from torch import nn
 from edgekit.errors import EdgekitError
 from edgekit.models.bundle import ModelBundle
 from edgekit.models.llama import CausalLMWithCache
-from edgekit.quantize.encoder import QuantEncoder, encoder_family, quant_encoder
+from edgekit.quantize.encoder import QuantEncoder, quant_encoder
 from edgekit.quantize.llama import Bits, QuantLlama
 from edgekit.quantize.optimise import Batch, Schedule, Simulated, float_targets, hidden_mse, optimise
 from edgekit.quantize.smoothquant import smoothquant_init
@@ -109,10 +109,6 @@ def schedule_of(config: Config, family: str = "llama") -> Schedule:
         log_scales=config.log_scales,
         offset=(offset, config.lr_offset_end or offset / 10.0),
     )
-
-
-def family_of(float_model: nn.Module) -> str:
-    return "llama" if isinstance(float_model, CausalLMWithCache) else encoder_family(float_model)
 
 
 def batches_of(data: Sequence[dict[str, np.ndarray]], batch_size: int) -> list[dict[str, torch.Tensor]]:
@@ -208,7 +204,7 @@ def quantize_model(
             batches,
             targets,
             config.epochs,
-            schedule_of(config, family_of(float_model)),
+            schedule_of(config, model.family),
             show_progress,
             config.max_grad_norm,
         )
