@@ -343,16 +343,173 @@ def plot(results: dict, path: Path) -> None:
     plt.close(figure)
 
 
+QUALITY_RESULTS = REPO / "bench" / "results" / "sorted_quality.json"
+QUALITY_DEFAULTS = {"batch": 16, "seq_len": 512, "holdout": 8192, "eval_tokens": 32768}
+
+
+def _depth_summary(stats: dict, depths: list[int]) -> dict:
+    return {text: {str(d): value.perplexity(depth=d) for d in depths} for text, value in stats.items()}
+
+
+def quality(device: str, runs: list[tuple[float, float]], out: Path, max_minutes: float, **settings: int) -> dict:
+    """SoFT vs SFT at real budgets (``runs``: (lr, epochs) pairs), each depth's perplexity in torch.
+
+    For a machine with a GPU: per run, both methods train from the pretrained model on the same
+    batches (training split minus a held-out tail), then every depth is scored on held-out eval
+    text and on that tail (the text dynamic-inference thresholds are calibrated on). Writes
+    ``out/sorted_quality.json`` and the SoFT models' per-position exit statistics
+    (``sorted_quality_stats.npz``, for ``--phase dynamic`` to price on this CPU) after every run,
+    so a run cut short by ``max_minutes`` keeps what finished. ``settings`` override
+    :data:`QUALITY_DEFAULTS`.
+    """
+    import time
+
+    import numpy as np
+
+    from edgekit.data.wikipedia import token_stream
+    from edgekit.sorted.data import held_out_tokens, wikipedia_tokens
+    from edgekit.sorted.dynamic import exit_statistics
+    from edgekit.sorted.export import torch_exit_logits
+    from edgekit.sorted.model import default_depths
+    from edgekit.sorted.train import TrainConfig, train
+
+    started = time.perf_counter()
+    defaults = {**QUALITY_DEFAULTS, **settings}
+    hf_model, tokenizer, _ = load_hf()
+    endoftext = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    texts = {
+        "eval": token_stream(tokenizer, "eval", defaults["eval_tokens"], endoftext),
+        "holdout": held_out_tokens(tokenizer, defaults["holdout"], endoftext),
+    }
+    train_tokens = wikipedia_tokens(tokenizer, endoftext, defaults["holdout"]).size
+    depths = default_depths(hf_model.config.num_hidden_layers)
+
+    def scored(model: CausalLMWithCache) -> dict:
+        logits = torch_exit_logits(model, depths)
+        return {name: exit_statistics(logits, tokens) for name, tokens in texts.items()}
+
+    pretrained = CausalLMWithCache(hf_model).to(device)
+    pretrained.hf_model.to(device)
+    results: dict = {
+        "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else device,
+        "torch": torch.__version__,
+        "budget": {**defaults, "train_tokens": int(train_tokens), "depths": depths},
+        "perplexity": {"pretrained": _depth_summary(scored(pretrained), depths)},
+        "runs": [],
+    }
+    del pretrained, hf_model
+    arrays: dict[str, np.ndarray] = {}
+    for lr, epochs in runs:
+        if time.perf_counter() - started > max_minutes * 60:
+            print(f"stopping before lr={lr} epochs={epochs}: past {max_minutes} minutes", flush=True)
+            break
+        steps = max(1, round(epochs * train_tokens / (defaults["batch"] * defaults["seq_len"])))
+        run: dict = {"lr": lr, "epochs": epochs, "steps": steps}
+        for method in ("sft", "soft"):
+            model = CausalLMWithCache(load_hf()[0])
+            config = TrainConfig(
+                depths=[model.num_layers] if method == "sft" else None,
+                steps=steps,
+                batch=defaults["batch"],
+                seq_len=defaults["seq_len"],
+                lr=lr,
+                warmup=max(4, steps // 20),
+                holdout_tokens=defaults["holdout"],
+                device=device,
+                save_every=steps,
+            )
+            work = Path(tempfile.mkdtemp(prefix=f"quality-{method}-"))
+            try:
+                result = train(model, tokenizer, config, work, separator_id=endoftext, description=f"{method} lr {lr}")
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+            model.eval()
+            stats = scored(model)
+            run[method] = {
+                "seconds": result.seconds,
+                "tokens_per_s": steps * defaults["batch"] * defaults["seq_len"] / result.seconds,
+                "loss_every_10_steps": [row["per_depth"] for row in result.history[9::10]],
+                "perplexity": _depth_summary(stats, depths),
+            }
+            if method == "soft":
+                for text, value in stats.items():
+                    arrays[f"lr{lr}_ep{epochs}_{text}_confidence"] = value.confidence
+                    arrays[f"lr{lr}_ep{epochs}_{text}_nll"] = value.nll
+            del model
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
+        sft_full = run["sft"]["perplexity"]["eval"][str(depths[-1])]
+        soft_eval = run["soft"]["perplexity"]["eval"]
+        run["goals"] = {
+            "soft_24_x_sft_full": soft_eval["24"] / sft_full,
+            "soft_15_x_sft_full": soft_eval["15"] / sft_full,
+            "sft_early_exit_24_x_sft_full": run["sft"]["perplexity"]["eval"]["24"] / sft_full,
+            "sft_early_exit_15_x_sft_full": run["sft"]["perplexity"]["eval"]["15"] / sft_full,
+        }
+        results["runs"].append(run)
+        results["seconds"] = time.perf_counter() - started
+        out.mkdir(parents=True, exist_ok=True)
+        (out / QUALITY_RESULTS.name).write_text(json.dumps(results, indent=1))
+        np.savez_compressed(out / "sorted_quality_stats.npz", **arrays)
+        print(json.dumps({"lr": lr, "epochs": epochs, "steps": steps, **run["goals"]}), flush=True)
+    plot_quality(results, out / QUALITY_RESULTS.with_suffix(".png").name)
+    return results
+
+
+def plot_quality(results: dict, path: Path) -> None:
+    """Eval perplexity against depth: pretrained, and each run's SoFT model and SFT early exit."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    depths = results["budget"]["depths"]
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    pretrained = results["perplexity"]["pretrained"]["eval"]
+    axis.plot(depths, [pretrained[str(d)] for d in depths], "k:", marker=".", label="pretrained, early exit")
+    for run in results["runs"]:
+        name = f"lr {run['lr']:g}, {run['epochs']:g} epochs"
+        soft = run["soft"]["perplexity"]["eval"]
+        line = axis.plot(depths, [soft[str(d)] for d in depths], marker="o", label=f"SoFT, {name}")[0]
+        sft = run["sft"]["perplexity"]["eval"]
+        axis.plot(depths, [sft[str(d)] for d in depths], linestyle="--", color=line.get_color(), alpha=0.5)
+        axis.scatter([depths[-1]], [sft[str(depths[-1])]], marker="*", s=90, color=line.get_color())
+    axis.set_yscale("log")
+    axis.set_ylim(top=1e5)
+    axis.set_xlabel("sub-model depth (layers)")
+    axis.set_ylabel("held-out Wikipedia perplexity")
+    axis.set_title("SmolLM2-135M: SoFT (solid) vs SFT early exit (dashed; star = SFT full)")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--phase", choices=("train", "measure"), required=True)
+    parser.add_argument("--phase", choices=("train", "measure", "quality", "quality-plot"), required=True)
     parser.add_argument("--method", choices=("soft", "sft"))
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--steps", type=int, default=0, help="override the budget's steps")
     parser.add_argument(
         "--lean", action="store_true", help="measure: only the SoFT bundle's size and dynamic inference"
     )
+    parser.add_argument("--device", default="cpu", help="quality: where training and scoring run (cuda)")
+    parser.add_argument(
+        "--runs", default="1e-4:2", help="quality: lr:epochs pairs, comma-separated (e.g. 1e-4:2,3e-4:2)"
+    )
+    parser.add_argument("--out", type=Path, default=QUALITY_RESULTS.parent, help="quality: output folder")
+    parser.add_argument("--max-minutes", type=float, default=1e9, help="quality: start no run after this")
+    for name, value in QUALITY_DEFAULTS.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=value, help="quality budget")
     args = parser.parse_args()
+    if args.phase == "quality-plot":  # redraw from the results file (e.g. runs merged from two machines' calls)
+        plot_quality(json.loads(QUALITY_RESULTS.read_text()), QUALITY_RESULTS.with_suffix(".png"))
+        return
+    if args.phase == "quality":
+        runs = [(float(lr), float(epochs)) for lr, epochs in (pair.split(":") for pair in args.runs.split(","))]
+        quality(args.device, runs, args.out, args.max_minutes, **{k: getattr(args, k) for k in QUALITY_DEFAULTS})
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.phase == "train":

@@ -30,14 +30,27 @@ PROMPT_NO_INPUT = (
 )
 
 
-def wikipedia_tokens(tokenizer, separator_id: int | None = None) -> np.ndarray:
+def wikipedia_tokens(tokenizer, separator_id: int | None = None, holdout: int = 0) -> np.ndarray:
     """The training text: the Wikipedia excerpt's non-evaluation articles (its ``calib`` split).
 
-    The held-out ``eval`` split, on which perplexity is reported, is never trained on.
+    The held-out ``eval`` split, on which perplexity is reported, is never trained on. ``holdout``
+    tokens at the end are kept out of training too (:func:`held_out_tokens`): a run of several
+    epochs covers every window, so the training split has no unseen text left to calibrate on.
     """
     from edgekit.data.wikipedia import token_stream
 
-    return token_stream(tokenizer, "calib", None, separator_id)
+    tokens = token_stream(tokenizer, "calib", None, separator_id)
+    if not 0 <= holdout < tokens.size:
+        raise EdgekitError(f"holdout_tokens must be in 0..{tokens.size - 1}, got {holdout}")
+    return tokens[: tokens.size - holdout]
+
+
+def held_out_tokens(tokenizer, holdout: int, separator_id: int | None = None) -> np.ndarray:
+    """The last ``holdout`` tokens of the training split, which :func:`wikipedia_tokens` leaves out."""
+    from edgekit.data.wikipedia import token_stream
+
+    tokens = token_stream(tokenizer, "calib", None, separator_id)
+    return tokens[tokens.size - holdout :]
 
 
 def lm_batches(tokens: np.ndarray, batch: int, seq_len: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -113,11 +126,17 @@ def alpaca_batches(
 
 
 def batches(
-    source: str, tokenizer, batch: int, seq_len: int, seed: int, separator_id: int | None = None
+    source: str,
+    tokenizer,
+    batch: int,
+    seq_len: int,
+    seed: int,
+    separator_id: int | None = None,
+    holdout: int = 0,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """``wikipedia`` (language modelling) or the path of an Alpaca-format JSONL file."""
+    """``wikipedia`` (language modelling, minus ``holdout`` tail tokens) or an Alpaca-format JSONL path."""
     if source == WIKIPEDIA:
-        return lm_batches(wikipedia_tokens(tokenizer, separator_id), batch, seq_len, seed)
+        return lm_batches(wikipedia_tokens(tokenizer, separator_id, holdout), batch, seq_len, seed)
     return alpaca_batches(read_alpaca(Path(source)), tokenizer, batch, seq_len, seed)
 
 

@@ -78,8 +78,8 @@ def exit_statistics(
 ) -> ExitStats:
     """One sliding-window pass keeping every depth's confidence and NLL per scored position.
 
-    ``logits_fn(ids[1, L]) -> {depth: logits[1, L, V]}``; the windows and scored positions are
-    those of :func:`edgekit.evaluate.perplexity`.
+    ``logits_fn(ids[1, L]) -> {depth: logits[1, L, V]}`` (numpy arrays or torch tensors); the
+    windows and scored positions are those of :func:`edgekit.evaluate.perplexity`.
     """
     if stride <= 0 or stride > window:
         raise ValueError("need 0 < stride <= window")
@@ -98,15 +98,32 @@ def exit_statistics(
         depths = sorted(per_depth)
         block_confidence, block_nll = [], []
         for depth in depths:
-            scores = log_softmax(np.asarray(per_depth[depth])[0, rows])
-            block_confidence.append(np.exp(scores.max(axis=-1)))
-            block_nll.append(-scores[np.arange(rows.size), targets])
+            top, target_nll = _scored(per_depth[depth], rows, targets)
+            block_confidence.append(top)
+            block_nll.append(target_nll)
         confidence.append(np.stack(block_confidence, axis=1))
         nll.append(np.stack(block_nll, axis=1))
         previous_end = end
         if end == ids.size:
             break
     return ExitStats(depths, np.concatenate(confidence), np.concatenate(nll))
+
+
+def _scored(logits, rows: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Top-token probability and the target's NLL at ``rows`` of ``logits[1, L, V]``.
+
+    Torch logits are scored where they are (on a GPU, the vocabulary-wide softmax of every depth
+    would otherwise cross to the host); numpy logits (the runtime's) with numpy.
+    """
+    if isinstance(logits, np.ndarray):
+        scores = log_softmax(logits[0, rows])
+        return np.exp(scores.max(axis=-1)), -scores[np.arange(rows.size), targets]
+    import torch
+
+    index = torch.as_tensor(rows, device=logits.device)
+    scores = torch.log_softmax(logits[0, index].float(), dim=-1)
+    target_scores = scores.gather(1, torch.as_tensor(targets, device=logits.device)[:, None])[:, 0]
+    return scores.amax(dim=-1).exp().cpu().numpy(), (-target_scores).cpu().numpy()
 
 
 @dataclass

@@ -238,12 +238,20 @@ def exit_perplexities(
     return per_depth, settings
 
 
-def torch_exit_logits(model: CausalLMWithCache, depths: list[int]) -> Callable[[np.ndarray], dict[int, np.ndarray]]:
-    """``ids -> {depth: logits}`` of the torch model, every depth from one pass."""
+def torch_exit_logits(model: CausalLMWithCache, depths: list[int]) -> Callable[[np.ndarray], dict[int, Any]]:
+    """``ids -> {depth: logits}`` of the torch model, every depth from one pass.
+
+    Numpy arrays from a CPU model; from a GPU model, tensors left on the GPU (bfloat16 autocast),
+    which :func:`~edgekit.sorted.dynamic.exit_statistics` scores there.
+    """
+    device = next(model.parameters()).device
 
     @torch.no_grad()
-    def run(ids: np.ndarray) -> dict[int, np.ndarray]:
-        logits = exit_logits(model, torch.from_numpy(np.ascontiguousarray(ids)), depths)
+    def run(ids: np.ndarray) -> dict[int, Any]:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = exit_logits(model, torch.from_numpy(np.ascontiguousarray(ids)).to(device), depths)
+        if device.type != "cpu":
+            return logits
         return {depth: value.float().numpy() for depth, value in logits.items()}
 
     return run
@@ -275,11 +283,17 @@ def _verify_depths(
 
 
 def calibration_text(bundle, settings: dict[str, Any]) -> np.ndarray:
-    """Training-split (Wikipedia ``calib``) tokens no fine-tuning window covered: threshold calibration text."""
+    """Training-split (Wikipedia ``calib``) tokens no fine-tuning window covered: threshold calibration text.
+
+    The held-out tail when training kept one (``holdout_tokens``), else the first unseen run.
+    """
     from edgekit.data.wikipedia import token_stream
     from edgekit.sorted.data import trained_positions, unseen_span
 
     stream = token_stream(bundle.tokenizer, "calib", None, bundle.meta.get("document_separator_id"))
+    holdout = settings.get("training", {}).get("holdout_tokens", 0)
+    if holdout:
+        stream = stream[stream.size - holdout :]
     windows = settings.get("training", {}).get("windows")
     seen = trained_positions(stream.size, **windows) if windows else np.zeros(stream.size, dtype=bool)
     return unseen_span(stream, seen, settings["calibration_tokens"])

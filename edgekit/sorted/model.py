@@ -43,7 +43,7 @@ def exit_hidden_states(
     length = input_ids.shape[1]
     hidden = model.embed_tokens(input_ids)
     cos, sin = model._rope(0, length)
-    mask = model._causal_mask(0, length, hidden.dtype)
+    mask = model._causal_mask(0, length, hidden.dtype).to(hidden.device)
     exits: dict[int, torch.Tensor] = {}
     for index, layer in enumerate(model.layers[: max(wanted)]):
         hidden, _, _ = model._layer(layer, hidden, cos, sin, mask, None, None)

@@ -150,14 +150,17 @@ def apply(bundle: ModelBundle, data: object, config: Config) -> ModelBundle:
             "steps": result.steps,
             "final_losses": final.get("per_depth"),
         }
-        if config.data == WIKIPEDIA:  # the windows it trained on, so calibration text avoids them
+        if config.data == WIKIPEDIA and config.holdout_tokens:  # calibration text is the held-out tail
+            training["holdout_tokens"] = config.holdout_tokens
+        elif config.data == WIKIPEDIA:  # the windows it trained on, so calibration text avoids them
             training["windows"] = {
                 "batch": config.batch,
                 "seq_len": config.seq_len,
                 "seed": config.seed,
                 "draws": config.steps * config.grad_accum,
             }
-    module.eval()
+    module.hf_model.cpu()  # trained wherever config.device said; exported from the CPU
+    module.cpu().eval()
     sorted_meta = {
         "depths": depths,
         "thresholds": thresholds,  # None: calibrated by the export

@@ -53,6 +53,8 @@ class TrainConfig:
     data: str = "wikipedia"  # or the path of an Alpaca-format JSONL file
     seed: int = 0
     save_every: int = 10
+    holdout_tokens: int = 0  # Wikipedia: tail tokens of the training split never trained on (calibration)
+    device: str = "cpu"  # where training runs: "cpu", "cuda", "cuda:1", ...
 
     def resolved_depths(self, num_layers: int) -> list[int]:
         return check_depths(self.depths or default_depths(num_layers), num_layers)
@@ -65,6 +67,20 @@ class TrainConfig:
             raise EdgekitError("seq_len must be at least 2 (a next-token loss needs two tokens)")
         if not self.lr > 0:
             raise EdgekitError(f"lr must be positive, got {self.lr}")
+        if self.holdout_tokens < 0:
+            raise EdgekitError(f"holdout_tokens must be at least 0, got {self.holdout_tokens}")
+        self.torch_device()
+
+    def torch_device(self) -> torch.device:
+        try:
+            device = torch.device(self.device)
+        except RuntimeError:
+            raise EdgekitError(f"device {self.device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise EdgekitError(f"device {self.device}: no CUDA GPU is available here")
+        if device.type not in ("cpu", "cuda"):
+            raise EdgekitError(f"device {self.device}: training runs on cpu or cuda")
+        return device
 
 
 @dataclass
@@ -111,7 +127,9 @@ def train(
     """Fine-tune ``model`` in place (all parameters), resuming from ``work_dir/state.pt`` if present.
 
     ``data`` overrides ``config.data`` (tests pass in-memory batches). The resume state records
-    the settings; resuming with different ones is refused rather than silently mixed.
+    the settings; resuming with different ones is refused rather than silently mixed. The model is
+    moved to ``config.device`` and left there; on a GPU the forward and backward passes run in
+    bfloat16 autocast (fp32 weights and optimiser state), on the CPU in fp32.
     """
     config.check()
     depths = config.resolved_depths(model.num_layers)
@@ -119,6 +137,9 @@ def train(
     work_dir.mkdir(parents=True, exist_ok=True)
     state_path = work_dir / STATE_FILE
     hf_model = model.hf_model
+    device = config.torch_device()
+    hf_model.to(device)
+    model.to(device)  # its own buffers (RoPE frequencies); the layers are hf_model's, moved above
     parameters = [p for p in hf_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95))
     settings = dataclasses.asdict(config) | {"depths": depths}
@@ -136,8 +157,11 @@ def train(
     stream = (
         data
         if data is not None
-        else batches(config.data, tokenizer, config.batch, config.seq_len, config.seed, separator_id)
+        else batches(
+            config.data, tokenizer, config.batch, config.seq_len, config.seed, separator_id, config.holdout_tokens
+        )
     )
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     for _ in range(start_step * config.grad_accum):  # the data position of a resumed run
         next(stream)
 
@@ -155,7 +179,8 @@ def train(
             total = 0.0
             for _ in range(config.grad_accum):
                 ids, labels = next(stream)
-                loss, per_depth = sorted_loss(model, ids, labels, depths)
+                with autocast:
+                    loss, per_depth = sorted_loss(model, ids.to(device), labels.to(device), depths)
                 (loss / config.grad_accum).backward()
                 total += float(loss.detach()) / config.grad_accum
                 for depth, value in per_depth.items():

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
+import torch
 
 from edgekit.errors import EdgekitError
-from edgekit.sorted.data import lm_batches, trained_positions, unseen_span
-from edgekit.sorted.dynamic import OFF, DecodeCost, ExitStats, calibrated, threshold_curve
+from edgekit.sorted.data import held_out_tokens, lm_batches, trained_positions, unseen_span, wikipedia_tokens
+from edgekit.sorted.dynamic import OFF, DecodeCost, ExitStats, calibrated, exit_statistics, threshold_curve
 
 DEPTHS = [2, 4, 6]
 
@@ -75,3 +78,36 @@ def test_replayed_training_windows_match_the_batches_and_calibration_avoids_them
     assert span.size == 300 and not seen[span].any() and np.all(np.diff(span) == 1)
     with pytest.raises(EdgekitError, match="unseen"):
         unseen_span(positions, np.ones(positions.size, dtype=bool), 10)
+
+
+def test_torch_logits_score_as_numpy_logits() -> None:
+    """A GPU model's logits are scored as tensors where they are; the statistics must not change."""
+    generator = np.random.default_rng(3)
+    tokens = generator.integers(0, 50, size=300)
+    tables = {depth: generator.normal(size=(300, 50)).astype(np.float32) for depth in DEPTHS}
+
+    def numpy_logits(ids: np.ndarray) -> dict[int, np.ndarray]:
+        return {depth: table[ids] for depth, table in tables.items()}
+
+    def torch_logits(ids: np.ndarray) -> dict:
+        return {depth: torch.from_numpy(value) for depth, value in numpy_logits(ids).items()}
+
+    expected = exit_statistics(numpy_logits, tokens, window=64, stride=32)
+    actual = exit_statistics(torch_logits, tokens, window=64, stride=32)
+    np.testing.assert_allclose(actual.confidence, expected.confidence, rtol=1e-5)
+    np.testing.assert_allclose(actual.nll, expected.nll, rtol=1e-5, atol=1e-6)
+
+
+def test_held_out_tail_is_never_trained_on_and_is_the_calibration_text(monkeypatch) -> None:
+    from edgekit.data import wikipedia
+    from edgekit.sorted.export import calibration_text
+
+    monkeypatch.setattr(wikipedia, "token_stream", lambda *args, **kwargs: np.arange(5000))
+    training = wikipedia_tokens(None, holdout=600)
+    tail = held_out_tokens(None, 600)
+    np.testing.assert_array_equal(np.concatenate([training, tail]), np.arange(5000))
+    bundle = SimpleNamespace(tokenizer=None, meta={})
+    text = calibration_text(bundle, {"calibration_tokens": 256, "training": {"holdout_tokens": 600}})
+    np.testing.assert_array_equal(text, np.arange(4400, 4656))
+    with pytest.raises(EdgekitError, match="holdout_tokens"):
+        wikipedia_tokens(None, holdout=5000)

@@ -145,3 +145,13 @@ def test_bad_alpaca_files_are_user_errors(tmp_path: Path, content: str, message:
     path.write_text(content)
     with pytest.raises(EdgekitError, match=message):
         read_alpaca(path)
+
+
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [("gpu0", "not a torch device"), ("meta", "runs on cpu or cuda")]
+    + ([] if torch.cuda.is_available() else [("cuda", "no CUDA GPU")]),
+)
+def test_bad_device_is_a_user_error(device: str, message: str) -> None:
+    with pytest.raises(EdgekitError, match=message):
+        TrainConfig(device=device).check()
