@@ -456,6 +456,56 @@ def quality(device: str, runs: list[tuple[float, float]], out: Path, max_minutes
     return results
 
 
+def price_quality_runs(stats_files: list[Path]) -> None:
+    """Dynamic inference for the quality runs' SoFT models, from their saved exit statistics.
+
+    Thresholds are calibrated on the held-out tail and priced with the one-token segment and head
+    costs that ``--phase measure --lean`` measured in onnxruntime on this CPU (the costs do not
+    depend on the weights' values). Adds a ``dynamic`` entry to each run in sorted_quality.json.
+    """
+    import numpy as np
+
+    from edgekit.sorted.dynamic import DecodeCost, ExitStats, calibrated, threshold_curve
+
+    results = json.loads(QUALITY_RESULTS.read_text())
+    components = json.loads(RESULTS.with_name("sorted_dynamic.json").read_text())["dynamic_calibration"]
+    measured = components["components_ms"]
+    cost = DecodeCost(measured["segments"], measured["head"], measured["catch_up"])
+    arrays = {}
+    for path in stats_files:
+        with np.load(path) as loaded:
+            arrays.update({key: loaded[key] for key in loaded.files})
+    depths = results["budget"]["depths"]
+    for run in results["runs"]:
+        key = f"lr{run['lr']}_ep{run['epochs']}"
+        stats = {
+            text: ExitStats(depths, arrays[f"{key}_{text}_confidence"], arrays[f"{key}_{text}_nll"])
+            for text in ("eval", "holdout")
+        }
+        curve = threshold_curve(stats["holdout"], cost, max_ratio=CURVE_MAX_RATIO)
+        chosen = calibrated(curve, MAX_PERPLEXITY_RATIO)
+        full = stats["eval"].perplexity()
+        run["dynamic"] = {
+            "costs": "one-token onnxruntime costs from sorted_dynamic.json (this CPU, 2 threads)",
+            "curve": [
+                {
+                    "thresholds": point["thresholds"],
+                    "holdout_perplexity_ratio": point["perplexity_ratio"],
+                    "predicted_speedup": point["predicted_speedup"],
+                    "eval_perplexity_ratio": stats["eval"].perplexity(point["thresholds"]) / full,
+                }
+                for point in curve
+            ],
+            "calibrated": {
+                "thresholds": chosen["thresholds"],
+                "predicted_speedup": chosen["predicted_speedup"],
+                "eval_perplexity_ratio": stats["eval"].perplexity(chosen["thresholds"]) / full,
+            },
+        }
+        print(key, json.dumps(run["dynamic"]["calibrated"]), json.dumps(run["dynamic"]["curve"][1:2]))
+    QUALITY_RESULTS.write_text(json.dumps(results, indent=1))
+
+
 def plot_quality(results: dict, path: Path) -> None:
     """Eval perplexity against depth: pretrained, and each run's SoFT model and SFT early exit."""
     import matplotlib
@@ -487,7 +537,9 @@ def plot_quality(results: dict, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--phase", choices=("train", "measure", "quality", "quality-plot"), required=True)
+    parser.add_argument(
+        "--phase", choices=("train", "measure", "quality", "quality-plot", "quality-dynamic"), required=True
+    )
     parser.add_argument("--method", choices=("soft", "sft"))
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--steps", type=int, default=0, help="override the budget's steps")
@@ -499,12 +551,18 @@ def main() -> None:
         "--runs", default="1e-4:2", help="quality: lr:epochs pairs, comma-separated (e.g. 1e-4:2,3e-4:2)"
     )
     parser.add_argument("--out", type=Path, default=QUALITY_RESULTS.parent, help="quality: output folder")
+    parser.add_argument(
+        "--stats", type=Path, nargs="+", default=[], help="quality-dynamic: sorted_quality_stats.npz files"
+    )
     parser.add_argument("--max-minutes", type=float, default=1e9, help="quality: start no run after this")
     for name, value in QUALITY_DEFAULTS.items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=value, help="quality budget")
     args = parser.parse_args()
     if args.phase == "quality-plot":  # redraw from the results file (e.g. runs merged from two machines' calls)
         plot_quality(json.loads(QUALITY_RESULTS.read_text()), QUALITY_RESULTS.with_suffix(".png"))
+        return
+    if args.phase == "quality-dynamic":
+        price_quality_runs(args.stats)
         return
     if args.phase == "quality":
         runs = [(float(lr), float(epochs)) for lr, epochs in (pair.split(":") for pair in args.runs.split(","))]
