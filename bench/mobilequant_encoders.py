@@ -25,11 +25,11 @@ import numpy as np
 
 RESULTS = Path(__file__).parent / "results" / "mobilequant_encoders.json"
 MODELS = {"minilm-l6": 60, "dinov2-s14": 7}  # model -> evaluation samples (the whole eval split)
-ROWS = {
-    "fp32": ("fp32", "32/32"),
-    "ptq-int8": ("ptq-int8", "8/8 (matmul inputs; the rest float)"),
-    "smoothquant+minmax": ("smoothquant-w8a8", "8/8+16"),
-    "mobilequant-w8a8": ("mobilequant-w8a8", "8/8+16"),
+ROWS = {  # row -> (recipe, bits W/A, extra recipe settings)
+    "fp32": ("fp32", "32/32", []),
+    "ptq-int8": ("ptq-int8", "8/8 (matmul inputs; the rest float)", []),
+    "smoothquant+minmax": ("smoothquant-w8a8", "8/8+16", []),
+    "mobilequant-w8a8": ("mobilequant-w8a8", "8/8+16", []),
 }
 DEVICE = "snapdragon-8gen3-npu"
 
@@ -72,15 +72,17 @@ def integer_coverage(directory: Path) -> dict:
     }
 
 
-def bench_model(name: str, work: Path, rows: list[str], args) -> dict:
+def bench_model(name: str, work: Path, rows: list[str], args, table: dict = ROWS, eval_samples: dict = MODELS) -> dict:
+    """Each row exported by the pipeline: quality, size, coverage, SQNR; latency against fp32."""
     from edgekit import pipeline
 
     result: dict = {"model": name, "rows": {}}
     directories: dict[str, Path] = {}
     for row in rows:
-        recipe, bits = ROWS[row]
+        recipe, bits, settings = table[row]
         out = work / f"{name}-{row}"
-        overrides = [f"samples={args.samples}"] if args.samples and recipe != "fp32" else []
+        budget = [f"samples={args.samples}"] if args.samples and recipe != "fp32" else []
+        overrides = [*settings, *budget] if recipe != "fp32" else []
         print(f"== {name} {row}", file=sys.stderr)
         started = time.perf_counter()
         plan = pipeline.plan_export(
@@ -90,7 +92,7 @@ def bench_model(name: str, work: Path, rows: list[str], args) -> dict:
             out,
             "onnx",
             baseline=False,
-            eval_samples=MODELS[name],
+            eval_samples=eval_samples[name],
             overrides=overrides,
         )
         report = pipeline.run_export(plan).report
@@ -121,6 +123,18 @@ def bench_model(name: str, work: Path, rows: list[str], args) -> dict:
     return result
 
 
+def run_models(results: Path, args, table: dict = ROWS, eval_samples: dict = MODELS) -> dict:
+    """``bench_model`` for each of ``args.models``, merged into ``results`` (rewritten after each)."""
+    previous = json.loads(results.read_text()) if results.is_file() else {"models": {}}
+    with tempfile.TemporaryDirectory(prefix="edgekit-bench-") as tmp:
+        for name in args.models.split(","):
+            previous["models"][name] = bench_model(name, Path(tmp), args.rows.split(","), args, table, eval_samples)
+            previous["command"] = f"python bench/{Path(sys.argv[0]).name} " + " ".join(sys.argv[1:])
+            results.parent.mkdir(parents=True, exist_ok=True)
+            results.write_text(json.dumps(previous, indent=2))
+    return previous
+
+
 def row_latency(name: str, directories: dict[str, Path], rounds: int) -> dict[str, float]:
     """Each row's ONNX latency on one evaluation input, rows alternated (export_baseline's helper)."""
     from export_baseline import interleaved_latency
@@ -141,13 +155,7 @@ def main() -> None:
     parser.add_argument("--heldout", type=int, default=60)
     parser.add_argument("--latency-rounds", type=int, default=5)
     args = parser.parse_args()
-    previous = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"models": {}}
-    with tempfile.TemporaryDirectory(prefix="edgekit-bench-") as tmp:
-        for name in args.models.split(","):
-            previous["models"][name] = bench_model(name, Path(tmp), args.rows.split(","), args)
-            previous["command"] = "python bench/mobilequant_encoders.py " + " ".join(sys.argv[1:])
-            RESULTS.parent.mkdir(parents=True, exist_ok=True)
-            RESULTS.write_text(json.dumps(previous, indent=2))
+    previous = run_models(RESULTS, args)
     for name, result in previous["models"].items():
         print(f"\n{name}")
         print("| method | bits W/A | cosine to fp32 | held-out | size × | latency × | int coverage | SQNR vs sim | s |")

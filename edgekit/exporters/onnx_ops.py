@@ -25,6 +25,9 @@ from edgekit.errors import EdgekitError
 QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
 # Nodes that never touch tensor data: constants, aliases and shape metadata.
 NOISE_OPS = frozenset({"Constant", "Identity", "Shape", "Size"})
+# Constant inputs that are an op's parameters, not data: a QDQ Clip's float min/max bounds (QNN
+# takes them as static parameters; onnxruntime's QDQ quantizer leaves them float).
+PARAMETER_INPUTS = {"Clip": (1, 2)}
 COMPUTE_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm"})
 FLOAT_TYPES = frozenset({TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE})
 _BITS = {
@@ -154,7 +157,12 @@ class _Graph:
         return any(self.is_float(n) for n in [*node.input, *node.output] if n)
 
     def is_integer(self, node: onnx.NodeProto) -> bool:
-        float_inputs = [n for n in node.input if n and self.is_float(n)]
+        parameters = PARAMETER_INPUTS.get(node.op_type, ())
+        float_inputs = [
+            n
+            for index, n in enumerate(node.input)
+            if n and self.is_float(n) and not (index in parameters and self.is_constant(n))
+        ]
         float_outputs = [n for n in node.output if n and self.is_float(n)]
         if not float_inputs and not float_outputs:
             return False

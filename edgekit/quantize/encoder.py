@@ -549,8 +549,8 @@ def encoder_family(float_module: nn.Module) -> str:
     if getattr(getattr(model, "config", None), "model_type", "") == "dinov2":
         return "dinov2"
     raise EdgekitError(
-        "MobileQuant supports LLaMA-family causal LMs, BERT sentence encoders and DINOv2 vision encoders; "
-        f"got a {type(float_module).__name__}"
+        "MobileQuant supports LLaMA-family causal LMs, BERT sentence encoders, DINOv2 vision encoders and "
+        f"plain conv/linear nets; got a {type(float_module).__name__}"
     )
 
 

@@ -17,12 +17,14 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from edgekit.progress import progress_bar
+from edgekit.quantize.convnet import QuantConvNet
 from edgekit.quantize.encoder import QuantEncoder
 from edgekit.quantize.llama import QuantLlama
 
-# Both simulated models share the interface this module uses (act/weight quants, transforms,
-# ``set_quant``, ``hidden_state``); a LLaMA batch is input_ids, an encoder batch its input dict.
-Simulated = QuantLlama | QuantEncoder
+# The simulated models share the interface this module uses (act/weight quants, transforms,
+# ``set_quant``, ``hidden_state``); a LLaMA batch is input_ids, an encoder's or a conv net's batch
+# its input dict.
+Simulated = QuantLlama | QuantEncoder | QuantConvNet
 Batch = torch.Tensor | dict[str, torch.Tensor]
 
 

@@ -34,6 +34,9 @@ _DATA_MOVES = {
     torch.ops.aten.squeeze.dim,
     torch.ops.aten.expand.default,
     torch.ops.aten.clone.default,
+    torch.ops.aten.flatten.using_ints,
+    torch.ops.aten.dropout.default,  # the identity in an exported (eval) program
+    torch.ops.aten.max_pool2d.default,  # its outputs are some of its input's values: the same grid
 }
 
 

@@ -134,7 +134,7 @@ def test_every_transform_keeps_the_float_function(family) -> None:
 
 
 def test_a_model_of_another_family_gets_a_clear_error(small_conv) -> None:
-    with pytest.raises(EdgekitError, match="BERT sentence encoders and DINOv2"):
+    with pytest.raises(EdgekitError, match="BERT sentence encoders, DINOv2 vision encoders and plain conv"):
         QuantEncoder(small_conv.module)
 
 

@@ -210,9 +210,10 @@ def test_bits_follow_the_paper() -> None:
     assert not quants["q_proj"].per_channel and quants["down_proj"].per_channel
 
 
-def test_apply_rejects_non_llama_models() -> None:
+def test_apply_rejects_models_of_no_supported_family() -> None:
     from edgekit.models.bundle import ModelBundle
 
-    bundle = ModelBundle("x", torch.nn.Linear(2, 2), {"x": torch.zeros(1, 2)}, "generic")
+    module = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.LayerNorm(2))  # neither a conv net nor an LLM
+    bundle = ModelBundle("x", module, {"x": torch.zeros(1, 2)}, "generic")
     with pytest.raises(EdgekitError, match="LLaMA"):
         mobilequant.apply(bundle, calib(1), mobilequant.Config())

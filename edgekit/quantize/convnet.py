@@ -1,0 +1,204 @@
+"""MobileQuant for plain conv/linear networks (CNNs): learned weight clipping and activation ranges.
+
+A CNN has none of the transformer sites MobileQuant's equivalent transforms sit at (no norm feeding
+a projection, no attention), so what is learned here is the rest of the method: the per-channel
+clipping of every Conv2d / Linear weight (bound = sigmoid(b) · max|W|) and the scale and offset of
+every quantized activation, all jointly, end to end on the MSE of the network's output against the
+float network's, with the same optimiser and schedules as the transformer models.
+
+The network is the float one with each BatchNorm folded into the convolution before it (what the
+exported graph runs) and each *site* module wrapped in a :class:`QuantSite`: every Conv2d and
+Linear, activation and average-pooling module. A site's output is one tensor of the exported graph
+(the module's output), so the learned range is written for exactly that tensor; the graph input is
+a site too. A conv/linear that a ReLU/ReLU6 follows has no output site of its own: NPUs (and
+XNNPACK) run the pair as one op, quantized once at the activation's output. A max-pool keeps its
+input's grid. Ops a ``forward`` applies as functions rather than modules (MobileNetV2's residual
+add and global average pool) are no module's output: onnxruntime calibrates those few with MinMax.
+Every activation is 8-bit (a CNN has no norm or softmax to keep at 16), every weight per channel.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import inspect
+
+import torch
+from torch import nn
+
+from edgekit.errors import EdgekitError
+from edgekit.quantize.fakequant import ActQuant, QuantSwitches, WeightQuant
+from edgekit.quantize.llama import Bits
+from edgekit.quantize.spec import TensorOverride
+
+WEIGHTED = (nn.Conv2d, nn.Linear)
+SITE_TYPES = (*WEIGHTED, nn.ReLU, nn.ReLU6, nn.AvgPool2d, nn.AdaptiveAvgPool2d)
+# Leaves a plain conv net may also hold: folded away, inert in eval mode, or keeping their input's
+# grid (a max-pool's output is some of its input's values: onnxruntime gives it the input's scale).
+PASSIVE_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.Flatten, nn.Dropout, nn.Identity, nn.MaxPool2d)
+
+
+def is_convnet(module: nn.Module) -> bool:
+    """A network built of conv/linear, BatchNorm, activation and pooling modules only."""
+    leaves = [m for m in module.modules() if not list(m.children())]
+    known = all(isinstance(m, SITE_TYPES + PASSIVE_TYPES) for m in leaves)
+    return known and any(isinstance(m, WEIGHTED) for m in leaves)
+
+
+def _fold_batchnorm(layer: nn.Conv2d | nn.Linear, norm: nn.BatchNorm1d | nn.BatchNorm2d) -> None:
+    """``norm`` (eval statistics) written into ``layer``'s weight and bias, in place."""
+    with torch.no_grad():
+        scale = torch.rsqrt(norm.running_var + norm.eps) * (norm.weight if norm.affine else 1.0)
+        shift = norm.bias if norm.affine else torch.zeros_like(norm.running_mean)
+        bias = layer.bias if layer.bias is not None else torch.zeros_like(norm.running_mean)
+        layer.weight.mul_(scale.reshape((-1,) + (1,) * (layer.weight.dim() - 1)))
+        layer.bias = nn.Parameter((bias - norm.running_mean) * scale + shift)
+
+
+def fold_batchnorms(model: nn.Module) -> nn.Module:
+    """Every BatchNorm that directly follows a conv/linear in a Sequential folded into it (in place);
+    a BatchNorm anywhere else is a clear error (its input is not one layer's output)."""
+    for parent in list(model.modules()):
+        children = list(parent.named_children())
+        for index, (name, child) in enumerate(children):
+            if not isinstance(child, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                continue
+            before = children[index - 1][1] if index and isinstance(parent, nn.Sequential) else None
+            if not isinstance(before, WEIGHTED):
+                raise EdgekitError(f"BatchNorm '{name}' does not follow a conv/linear layer: it cannot be folded")
+            _fold_batchnorm(before, child)
+            setattr(parent, name, nn.Identity())
+    return model
+
+
+def _followed_by_activation(model: nn.Module) -> set[str]:
+    """Paths of the conv/linear layers a ReLU/ReLU6 follows in a Sequential (folded BatchNorms
+    between them skipped): NPUs and XNNPACK run the pair as one op and quantize once, at the
+    activation's output, so such a layer's own output is no site."""
+    fused = set()
+    for parent_path, parent in model.named_modules():
+        if not isinstance(parent, nn.Sequential):
+            continue
+        children = [(name, child) for name, child in parent.named_children() if not isinstance(child, nn.Identity)]
+        for (name, child), (_, after) in zip(children, children[1:], strict=False):
+            if isinstance(child, WEIGHTED) and isinstance(after, (nn.ReLU, nn.ReLU6)):
+                fused.add(f"{parent_path}.{name}" if parent_path else name)
+    return fused
+
+
+class QuantSite(nn.Module):
+    """A module whose output is a quantized tensor; a conv/linear also fake-quantizes its weight."""
+
+    def __init__(self, module: nn.Module, bits: Bits, clip_init: float, quantize_output: bool = True) -> None:
+        super().__init__()
+        self.module = module
+        self.act = ActQuant(bits.matmul) if quantize_output else nn.Identity()
+        self.wquant = (
+            WeightQuant(module.weight.shape[0], bits.weight, per_channel=True, init=clip_init)
+            if isinstance(module, WEIGHTED)
+            else None
+        )
+
+    def weight(self) -> torch.Tensor:
+        weight = self.module.weight
+        return self.wquant(weight.flatten(1)).view_as(weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        module = self.module
+        if self.wquant is None or not self.wquant.enabled:
+            return self.act(module(x))
+        if isinstance(module, nn.Conv2d):
+            return self.act(module._conv_forward(x, self.weight(), module.bias))
+        return self.act(nn.functional.linear(x, self.weight(), module.bias))
+
+
+class QuantConvNet(nn.Module, QuantSwitches):
+    """The simulated model of a plain conv net: the interface of the transformer ones, no transforms."""
+
+    family = "convnet"
+
+    def __init__(self, float_module: nn.Module, bits: Bits = Bits(), clip_init: float = 6.0) -> None:
+        super().__init__()
+        if not is_convnet(float_module):
+            raise EdgekitError(f"a {type(float_module).__name__} is not a plain conv/linear net")
+        names = list(inspect.signature(float_module.forward).parameters)
+        if len(names) != 1:
+            raise EdgekitError(f"a conv net for mobilequant takes one input, this one takes {names}")
+        self.input_name = names[0]
+        # every activation at the matmul-input width, every weight per channel
+        self.bits = dataclasses.replace(bits, other=bits.matmul, per_channel=True)
+        self.net = fold_batchnorms(copy.deepcopy(float_module).eval())
+        fused = _followed_by_activation(self.net)
+        self.paths: list[str] = []  # the modules whose output is a site
+        self.sites: list[QuantSite] = []
+        for path, module in list(self.net.named_modules()):
+            if isinstance(module, SITE_TYPES) and path:
+                parent, _, child = path.rpartition(".")
+                owner = self.net.get_submodule(parent) if parent else self.net
+                site = QuantSite(module, bits, clip_init, quantize_output=path not in fused)
+                setattr(owner, child, site)
+                self.sites.append(site)
+                if path not in fused:
+                    self.paths.append(path)
+        outputs = [site.act for site in self.sites if isinstance(site.act, ActQuant)]
+        self.acts = nn.ModuleList([nn.ModuleDict({str(i): act for i, act in enumerate(outputs)})])
+        self.head_acts = nn.ModuleDict({"input": ActQuant(bits.matmul)})
+        self.transforms = nn.ModuleList()
+        self.switch_off()
+
+    def weight_quants(self) -> list[WeightQuant]:
+        return [site.wquant for site in self.sites if site.wquant is not None]
+
+    def init_ranges(self) -> None:
+        for quant in self.act_quants():
+            quant.init_from_observed()
+
+    @torch.no_grad()
+    def fold(self) -> QuantConvNet:
+        """Write the learned clipping into the weights; the model becomes plain float."""
+        if not self.folded:
+            for site in self.sites:
+                if site.wquant is not None:
+                    weight = site.module.weight
+                    weight.copy_(site.wquant.clip(weight.flatten(1)).view_as(weight))
+            self.mark_folded()
+        return self
+
+    def outputs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.net(self.head_acts["input"](batch[self.input_name]))
+
+    hidden_state = outputs  # what the optimisation matches to the float network: the output itself
+
+    def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
+        """The one input, positional or by the float network's name for it (see :func:`quant_convnet`)."""
+        (x,) = (*args, *kwargs.values())
+        return self.outputs({self.input_name: x})
+
+    def overrides(self) -> dict[str, TensorOverride]:
+        """Module path (or graph input name) -> the learned quantization of that tensor."""
+        table = {f"net.{path}": self.net.get_submodule(path).act.override() for path in self.paths}
+        return table | {self.input_name: self.head_acts["input"].override()}
+
+
+@functools.cache
+def _taking(name: str) -> type[QuantConvNet]:
+    """A subclass whose ``forward`` signature names its input ``name``: exporters bind inputs (and
+    dynamic axes) by the forward's parameter names, which must be the float network's."""
+    parameters = [
+        inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+        inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=torch.Tensor),
+    ]
+
+    def forward(self: QuantConvNet, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
+        return QuantConvNet.forward(self, *args, **kwargs)
+
+    forward.__signature__ = inspect.Signature(parameters, return_annotation=torch.Tensor)
+    return type(f"QuantConvNet[{name}]", (QuantConvNet,), {"forward": forward, "__module__": __name__})
+
+
+def quant_convnet(float_module: nn.Module, bits: Bits = Bits(), clip_init: float = 6.0) -> QuantConvNet:
+    """The simulated conv net, taking its one input by the float network's name for it."""
+    names = list(inspect.signature(float_module.forward).parameters)
+    kind = _taking(names[0]) if len(names) == 1 else QuantConvNet  # which refuses it, clearly
+    return kind(float_module, bits, clip_init)
