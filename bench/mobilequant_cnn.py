@@ -4,11 +4,10 @@ Rows per model: fp32; ptq-int8 (onnxruntime MinMax, per-channel weights); MinMax
 bits (the ``smoothquant-w8a8`` recipe: a conv net has no transform sites, so it is MinMax with
 every activation 8-bit); MobileQuant W8A8; the same two at W4A8. Each is exported to ONNX by the
 pipeline and run in onnxruntime. Quality: Fashion-MNIST test accuracy (``fmnist-cnn``, 2,000 test
-images) or top-1 on the labelled evaluation photos (``mobilenetv2``, all 7, plus the logits'
-SQNR against fp32 that the verification reports). Calibration: 256 samples x 4 epochs (the
+images), plus the logits' SQNR against fp32 that the verification reports. Calibration: 256 samples x 4 epochs (the
 budget a CNN needs; it takes seconds). Shares the encoder bench's row runner.
 
-Usage: python bench/mobilequant_cnn.py [--models fmnist-cnn,mobilenetv2] [--rows ...]
+Usage: python bench/mobilequant_cnn.py [--models fmnist-cnn] [--rows ...]
 """
 
 from __future__ import annotations
@@ -19,7 +18,11 @@ from pathlib import Path
 from mobilequant_encoders import run_models
 
 RESULTS = Path(__file__).parent / "results" / "mobilequant_cnn.json"
-MODELS = {"fmnist-cnn": 2000, "mobilenetv2": 7}  # model -> evaluation samples
+# model -> evaluation samples. mobilenetv2 (7 labelled photos) runs with --models, but its learned
+# rows fail the pipeline's verification: its residual adds are functions in forward, not modules,
+# so the file quantizes them (MinMax) where the simulation does not (14.3 dB from it at W8A8).
+MODELS = {"fmnist-cnn": 2000, "mobilenetv2": 7}
+DEFAULT_MODELS = ["fmnist-cnn"]
 BUDGET = ["samples=256", "epochs=4"]
 ROWS = {  # row -> (recipe, bits W/A, extra recipe settings)
     "fp32": ("fp32", "32/32", []),
@@ -33,7 +36,7 @@ ROWS = {  # row -> (recipe, bits W/A, extra recipe settings)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--models", default=",".join(DEFAULT_MODELS), help=f"of {', '.join(MODELS)}")
     parser.add_argument("--rows", default=",".join(ROWS))
     parser.add_argument("--latency-rounds", type=int, default=5)
     args = parser.parse_args()
