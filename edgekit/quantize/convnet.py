@@ -12,8 +12,9 @@ Linear, activation and average-pooling module. A site's output is one tensor of 
 (the module's output), so the learned range is written for exactly that tensor; the graph input is
 a site too. A conv/linear that a ReLU/ReLU6 follows has no output site of its own: NPUs (and
 XNNPACK) run the pair as one op, quantized once at the activation's output. A max-pool keeps its
-input's grid. Ops a ``forward`` applies as functions rather than modules (MobileNetV2's residual
-add and global average pool) are no module's output: onnxruntime calibrates those few with MinMax.
+input's grid. Tensor adds and adaptive average pools a ``forward`` calls as functions (MobileNetV2's
+residuals and global pool) are made modules first (:func:`functions_as_modules`), so they are sites
+too; other function calls (flatten, views) move values without changing them.
 Every activation is 8-bit (a CNN has no norm or softmax to keep at 16), every weight per channel.
 """
 
@@ -23,6 +24,7 @@ import copy
 import dataclasses
 import functools
 import inspect
+import operator
 
 import torch
 from torch import nn
@@ -32,8 +34,16 @@ from edgekit.quantize.fakequant import ActQuant, QuantSwitches, WeightQuant
 from edgekit.quantize.llama import Bits
 from edgekit.quantize.spec import TensorOverride
 
+
+class Add(nn.Module):
+    """A residual add as a module, so that its output is a site (see :func:`functions_as_modules`)."""
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a + b
+
+
 WEIGHTED = (nn.Conv2d, nn.Linear)
-SITE_TYPES = (*WEIGHTED, nn.ReLU, nn.ReLU6, nn.AvgPool2d, nn.AdaptiveAvgPool2d)
+SITE_TYPES = (*WEIGHTED, nn.ReLU, nn.ReLU6, nn.AvgPool2d, nn.AdaptiveAvgPool2d, Add)
 # Leaves a plain conv net may also hold: folded away, inert in eval mode, or keeping their input's
 # grid (a max-pool's output is some of its input's values: onnxruntime gives it the input's scale).
 PASSIVE_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.Flatten, nn.Dropout, nn.Identity, nn.MaxPool2d)
@@ -72,6 +82,37 @@ def fold_batchnorms(model: nn.Module) -> nn.Module:
     return model
 
 
+def functions_as_modules(model: nn.Module) -> nn.Module:
+    """``model`` with the tensor adds and adaptive average pools its ``forward`` calls as functions
+    (MobileNetV2's residuals and global pool) made modules, by an fx rewrite, so their outputs are
+    sites like every other: onnxruntime quantizes those tensors whether or not the simulation does.
+    A model fx cannot trace, or with no such calls, is returned as it is (module paths unchanged)."""
+    try:
+        traced = torch.fx.symbolic_trace(model)
+    except Exception:  # data-dependent control flow and the like: keep the module as written
+        return model
+    rewritten = 0
+    for node in list(traced.graph.nodes):
+        tensors = node.op == "call_function" and all(isinstance(a, torch.fx.Node) for a in node.args)
+        if tensors and node.target in (operator.add, torch.add) and len(node.args) == 2 and not node.kwargs:
+            module, args = Add(), node.args
+        elif node.op == "call_function" and node.target is nn.functional.adaptive_avg_pool2d:
+            module, args = nn.AdaptiveAvgPool2d(node.args[1]), node.args[:1]
+        else:
+            continue
+        name = f"{type(module).__name__.lower()}_{rewritten}"
+        traced.add_submodule(name, module)
+        with traced.graph.inserting_before(node):
+            replacement = traced.graph.call_module(name, tuple(args))
+        node.replace_all_uses_with(replacement)
+        traced.graph.erase_node(node)
+        rewritten += 1
+    if not rewritten:
+        return model
+    traced.recompile()
+    return traced
+
+
 def _followed_by_activation(model: nn.Module) -> set[str]:
     """Paths of the conv/linear layers a ReLU/ReLU6 follows in a Sequential (folded BatchNorms
     between them skipped): NPUs and XNNPACK run the pair as one op and quantize once, at the
@@ -104,10 +145,11 @@ class QuantSite(nn.Module):
         weight = self.module.weight
         return self.wquant(weight.flatten(1)).view_as(weight)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         module = self.module
         if self.wquant is None or not self.wquant.enabled:
-            return self.act(module(x))
+            return self.act(module(*inputs))
+        (x,) = inputs
         if isinstance(module, nn.Conv2d):
             return self.act(module._conv_forward(x, self.weight(), module.bias))
         return self.act(nn.functional.linear(x, self.weight(), module.bias))
@@ -128,8 +170,9 @@ class QuantConvNet(nn.Module, QuantSwitches):
         self.input_name = names[0]
         # every activation at the matmul-input width, every weight per channel
         self.bits = dataclasses.replace(bits, other=bits.matmul, per_channel=True)
-        self.net = fold_batchnorms(copy.deepcopy(float_module).eval())
-        fused = _followed_by_activation(self.net)
+        net = fold_batchnorms(copy.deepcopy(float_module).eval())
+        fused = _followed_by_activation(net)  # from the Sequentials, which fx flattens
+        self.net = functions_as_modules(net)
         self.paths: list[str] = []  # the modules whose output is a site
         self.sites: list[QuantSite] = []
         for path, module in list(self.net.named_modules()):

@@ -68,11 +68,13 @@ def test_folded_batchnorm_keeps_the_float_function() -> None:
     with torch.no_grad():
         assert float((model(images) - bundle.module(images)).abs().max()) < 1e-5
     assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
-    # sites: the input, the ReLU, the ReLU6, the global pool and the linear layer (a conv that an
-    # activation follows is fused with it; a max-pool keeps its input's grid)
-    assert len(model.act_quants()) == 5 and len(model.weight_quants()) == 3
+    # sites: the input, the ReLU, the ReLU6, the residual add (a function in forward, made a module),
+    # the global pool and the linear layer; a conv that an activation follows is fused with it, and a
+    # max-pool keeps its input's grid
+    assert len(model.act_quants()) == 6 and len(model.weight_quants()) == 3
     assert sorted(model.overrides()) == [
         "images",
+        "net.add_0",
         "net.features.2",
         "net.features.4.body.2",
         "net.head.0",
@@ -169,3 +171,21 @@ def test_fmnist_cnn_through_the_recipe(tmp_path) -> None:
         reference = bundle.module(torch.as_tensor(images)).numpy()
     assert np.mean(runtime.argmax(1) == reference.argmax(1)) > 0.9
     assert sqnr_db(reference, runtime) > 20.0
+
+
+@pytest.mark.slow
+def test_mobilenetv2_residual_adds_are_sites_and_its_file_tracks_the_simulation(tmp_path) -> None:
+    from edgekit.models import load
+
+    bundle = load("zoo:mobilenetv2")
+    calib = calibration_inputs(bundle, None, 4)
+    quantized = mobilequant.apply(bundle, calib, mobilequant.Config(samples=4, epochs=1))
+    adds = [path for path in quantized.quant.overrides if path.startswith("net.add_")]
+    assert len(adds) == 10  # MobileNetV2's ten residual connections
+    result = onnx_exporter.export_onnx(quantized, tmp_path, calib)
+    session = onnx_session(result.graphs["model"].path)
+    for feed in calibration_inputs(bundle, None, 2, split="eval"):
+        runtime = session.run(None, feed)[0]
+        with torch.no_grad():
+            simulated = quantized.simulated(**{k: torch.as_tensor(v) for k, v in feed.items()}).numpy()
+        assert sqnr_db(simulated, runtime) > 18.0  # 52 convolutions of 8-bit rounding; 14 dB with the adds float
