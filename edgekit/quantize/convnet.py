@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from edgekit.errors import EdgekitError
+from edgekit.models.fold import fold_batchnorm
 from edgekit.quantize.fakequant import ActQuant, QuantSwitches, WeightQuant
 from edgekit.quantize.llama import Bits
 from edgekit.quantize.spec import TensorOverride
@@ -56,16 +57,6 @@ def is_convnet(module: nn.Module) -> bool:
     return known and any(isinstance(m, WEIGHTED) for m in leaves)
 
 
-def _fold_batchnorm(layer: nn.Conv2d | nn.Linear, norm: nn.BatchNorm1d | nn.BatchNorm2d) -> None:
-    """``norm`` (eval statistics) written into ``layer``'s weight and bias, in place."""
-    with torch.no_grad():
-        scale = torch.rsqrt(norm.running_var + norm.eps) * (norm.weight if norm.affine else 1.0)
-        shift = norm.bias if norm.affine else torch.zeros_like(norm.running_mean)
-        bias = layer.bias if layer.bias is not None else torch.zeros_like(norm.running_mean)
-        layer.weight.mul_(scale.reshape((-1,) + (1,) * (layer.weight.dim() - 1)))
-        layer.bias = nn.Parameter((bias - norm.running_mean) * scale + shift)
-
-
 def fold_batchnorms(model: nn.Module) -> nn.Module:
     """Every BatchNorm that directly follows a conv/linear in a Sequential folded into it (in place);
     a BatchNorm anywhere else is a clear error (its input is not one layer's output)."""
@@ -77,7 +68,7 @@ def fold_batchnorms(model: nn.Module) -> nn.Module:
             before = children[index - 1][1] if index and isinstance(parent, nn.Sequential) else None
             if not isinstance(before, WEIGHTED):
                 raise EdgekitError(f"BatchNorm '{name}' does not follow a conv/linear layer: it cannot be folded")
-            _fold_batchnorm(before, child)
+            setattr(parent, children[index - 1][0], fold_batchnorm(before, child))
             setattr(parent, name, nn.Identity())
     return model
 

@@ -24,6 +24,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from edgekit.errors import EdgekitError
+from edgekit.models.fold import fold_batchnorm
 from edgekit.snn.network import WEIGHT_OPS, Fork, Join, SpikingNet
 from edgekit.snn.neuron import LIF
 
@@ -248,24 +249,6 @@ def ann_chain(ann: nn.Module) -> list[nn.Module]:
     if any(not isinstance(op, nn.Flatten | _Pooling) for op in chain[weights[-1] + 1 :]):
         raise EdgekitError(f"cannot convert {type(ann).__name__}: only flatten may follow the readout layer")
     return chain
-
-
-def fold_batchnorm(layer: nn.Module, norm: nn.BatchNorm1d | nn.BatchNorm2d) -> nn.Module:
-    """conv/linear followed by BatchNorm (eval statistics) -> one conv/linear with a bias."""
-    folded = copy.deepcopy(layer).eval()
-    with torch.no_grad():
-        scale = (
-            norm.weight / torch.sqrt(norm.running_var + norm.eps)
-            if norm.affine
-            else 1.0 / torch.sqrt(norm.running_var + norm.eps)
-        )
-        shift = norm.bias if norm.affine else torch.zeros_like(norm.running_mean)
-        bias = layer.bias if layer.bias is not None else torch.zeros_like(norm.running_mean)
-        shape = (-1,) + (1,) * (folded.weight.dim() - 1)
-        weight = folded.weight * scale.reshape(shape)
-        folded.weight = nn.Parameter(weight.detach().clone())
-        folded.bias = nn.Parameter(((bias - norm.running_mean) * scale + shift).detach().clone())
-    return folded
 
 
 def _scaled(op: nn.Module, scale: float) -> nn.Module:

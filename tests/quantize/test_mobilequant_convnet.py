@@ -132,17 +132,21 @@ def test_the_int8_program_runs_the_simulation(tmp_path) -> None:
 
 def test_learned_clipping_beats_minmax_at_four_bits() -> None:
     bundle, data = tiny_bundle(), feeds(32)
+    with torch.no_grad():  # one outlier weight per output channel, as trained convolutions have:
+        for layer in (m for m in bundle.module.modules() if isinstance(m, (nn.Conv2d, nn.Linear))):
+            flat = layer.weight.view(layer.weight.shape[0], -1)
+            flat[:, 0] = 2.0 * flat.abs().amax(dim=1)  # min-max spends the 4-bit grid on it
     minmax, _ = mobilequant.quantize_model(
         bundle.module, data, mobilequant.Config(weight_bits=4, learn=False, epochs=0, clip_init=30.0), False
     )
     learned, facts = mobilequant.quantize_model(
-        bundle.module, data, mobilequant.Config(weight_bits=4, samples=32, epochs=8), False
+        bundle.module, data, mobilequant.Config(weight_bits=4, samples=32, epochs=16), False
     )
     held_out = torch.as_tensor(np.concatenate([f["images"] for f in feeds(64, seed=9)]))
     with torch.no_grad():
         reference = bundle.module(held_out)
         errors = [float(((m.set_quant(True, True)(held_out) - reference) ** 2).mean()) for m in (minmax, learned)]
-    assert errors[1] < errors[0]
+    assert errors[1] < 0.9 * errors[0], errors  # measured: 23% lower
     start = mobilequant.FAMILY_CLIP_INITS["convnet"]
     moved = max(float((q.logit - start).abs().max()) for q in learned.weight_quants())
     assert moved > 0.5, "the clipping logits did not learn"

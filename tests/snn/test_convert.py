@@ -8,7 +8,8 @@ from snn_tiny import TinyVGG, accuracy
 from torch import nn
 
 from edgekit.errors import EdgekitError
-from edgekit.snn.convert import ann_chain, convert, fold_batchnorm, run_chain
+from edgekit.models.fold import fold_batchnorm
+from edgekit.snn.convert import ann_chain, convert, run_chain
 from edgekit.snn.network import Join
 from edgekit.snn.neuron import LIF
 
