@@ -33,6 +33,13 @@ ROWS = {  # row -> (recipe, bits W/A, extra recipe settings)
 }
 
 
+# MobileNetV2's file is as far from fp32 as its simulation is (both ~19 dB at W8A8), but 8-bit
+# rounding compounded over 52 convolutions puts file and simulation ~22 dB apart, which flips the
+# top-1 of 1,000 classes on some photos: verify it against float instead (the file may be at most
+# 1 dB further from float than the simulation).
+VERIFY = {"mobilenetv2": ["verify.float_gap_db=1.0"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--models", default=",".join(DEFAULT_MODELS), help=f"of {', '.join(MODELS)}")
@@ -40,7 +47,13 @@ def main() -> None:
     parser.add_argument("--latency-rounds", type=int, default=5)
     args = parser.parse_args()
     args.samples, args.heldout_from, args.heldout = None, 0, 0  # the budget is in ROWS; no held-out photos
-    previous = run_models(RESULTS, args, ROWS, MODELS)
+    models = args.models.split(",")
+    for name in models:
+        args.models = name
+        table = {
+            row: (recipe, bits, [*settings, *VERIFY.get(name, [])]) for row, (recipe, bits, settings) in ROWS.items()
+        }
+        previous = run_models(RESULTS, args, table, MODELS)
     for name, result in previous["models"].items():
         print(f"\n{name}")
         print("| method | bits W/A | top-1 (fp32 model) | SQNR vs fp32 dB | size × | latency × | int coverage | s |")
