@@ -2,9 +2,13 @@
 
     python bench/sorted.py --phase train --method soft   # or sft; both are cached
     python bench/sorted.py --phase measure               # perplexities, export, latencies -> JSON
+    python bench/sorted.py --phase quality --device cuda --runs 1e-4:2,3e-4:4   # real budgets, GPU
+    python bench/sorted.py --phase quality-plot          # redraw sorted_quality.png from its JSON
+    python bench/sorted.py --phase quality-dynamic --stats OUT/sorted_quality_stats.npz
 
 Training runs at a reduced budget (BUDGET below, recorded in the JSON): the machine is a shared
 2-core CPU. SFT is the same trainer with only the full depth: same data, steps, optimiser, seed.
+The quality phase trains at real budgets where a GPU is (``quality``'s docstring).
 """
 
 from __future__ import annotations
@@ -358,7 +362,7 @@ def quality(device: str, runs: list[tuple[float, float]], out: Path, max_minutes
     batches (training split minus a held-out tail), then every depth is scored on held-out eval
     text and on that tail (the text dynamic-inference thresholds are calibrated on). Writes
     ``out/sorted_quality.json`` and the SoFT models' per-position exit statistics
-    (``sorted_quality_stats.npz``, for ``--phase dynamic`` to price on this CPU) after every run,
+    (``sorted_quality_stats.npz``, for ``--phase quality-dynamic`` to price on this CPU) after every run,
     so a run cut short by ``max_minutes`` keeps what finished. ``settings`` override
     :data:`QUALITY_DEFAULTS`.
     """
