@@ -34,10 +34,19 @@ _DATA_MOVES = {
     torch.ops.aten.squeeze.dim,
     torch.ops.aten.expand.default,
     torch.ops.aten.clone.default,
-    torch.ops.aten.flatten.using_ints,
     torch.ops.aten.dropout.default,  # the identity in an exported (eval) program
     torch.ops.aten.max_pool2d.default,  # its outputs are some of its input's values: the same grid
 }
+
+
+def _moves_data(node: torch.fx.Node) -> bool:
+    """A data move, or a classifier's flatten to [batch, features] (its linear's input). A ViT's
+    patch flatten (to 3-D) stays float: with the grid carried through it, XNNPACK refused to load
+    the DINOv2 program (why was not isolated)."""
+    if node.target in _DATA_MOVES:
+        return True
+    value = node.meta.get("val")
+    return node.target == torch.ops.aten.flatten.using_ints and isinstance(value, torch.Tensor) and value.dim() == 2
 
 
 def _module_path(node: torch.fx.Node) -> str:
@@ -152,7 +161,7 @@ def _annotate(model: torch.fx.GraphModule, spec: QuantSpec, sites: Mapping[str, 
     while pending:  # the same grid through the data moves after each site
         node, qspec = pending.pop()
         for user in node.users:
-            if user.op == "call_function" and user.target in _DATA_MOVES and user not in fixed:
+            if user.op == "call_function" and _moves_data(user) and user not in fixed:
                 fixed[user] = qspec
                 pending.append((user, qspec))
     weights = {channel: get_symmetric_quantization_config(is_per_channel=channel).weight for channel in (False, True)}
