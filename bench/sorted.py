@@ -123,7 +123,7 @@ def measure(steps: int | None, lean: bool = False) -> dict:
     for name, model in models:
         print(f"perplexity at every depth: {name}", flush=True)
         stats = exit_statistics(torch_exit_logits(model, depths), tokens)
-        perplexity[name] = {str(depth): stats.perplexity(depth=depth) for depth in depths}
+        perplexity[name] = _per_depth(stats, depths)
         if name == "soft":
             soft_eval = stats
     # calibration text: the training split's tokens outside every window SoFT/SFT trained on
@@ -351,8 +351,13 @@ QUALITY_RESULTS = REPO / "bench" / "results" / "sorted_quality.json"
 QUALITY_DEFAULTS = {"batch": 16, "seq_len": 512, "holdout": 8192, "eval_tokens": 32768}
 
 
+def _per_depth(stats, depths: list[int]) -> dict[str, float]:
+    """Each fixed sub-model's perplexity from one text's exit statistics."""
+    return {str(depth): stats.perplexity(depth=depth) for depth in depths}
+
+
 def _depth_summary(stats: dict, depths: list[int]) -> dict:
-    return {text: {str(d): value.perplexity(depth=d) for d in depths} for text, value in stats.items()}
+    return {text: _per_depth(value, depths) for text, value in stats.items()}
 
 
 def quality(device: str, runs: list[tuple[float, float]], out: Path, max_minutes: float, **settings: int) -> dict:
@@ -393,7 +398,6 @@ def quality(device: str, runs: list[tuple[float, float]], out: Path, max_minutes
         return {name: exit_statistics(logits, tokens) for name, tokens in texts.items()}
 
     pretrained = CausalLMWithCache(hf_model).to(device)
-    pretrained.hf_model.to(device)
     results: dict = {
         "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else device,
         "torch": torch.__version__,

@@ -84,6 +84,13 @@ class CausalLMWithCache(nn.Module):
         inv_freq, self.rope_scaling = _rope_inverse_frequencies(config)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
+    def _apply(self, fn, recurse: bool = True):
+        """Moves and casts (``to``, ``cpu``, ``half``...) reach the whole wrapped model too, not only
+        the layers this one runs (a sub-model's deeper layers, the transformers rotary buffers)."""
+        if isinstance(self._hf_model, nn.Module):
+            self._hf_model._apply(fn, recurse)
+        return super()._apply(fn, recurse)
+
     @property
     def hf_model(self) -> nn.Module:
         """The transformers model whose submodules this one runs (shared, not copied)."""

@@ -37,20 +37,21 @@ def wikipedia_tokens(tokenizer, separator_id: int | None = None, holdout: int = 
     tokens at the end are kept out of training too (:func:`held_out_tokens`): a run of several
     epochs covers every window, so the training split has no unseen text left to calibrate on.
     """
+    return _split_holdout(tokenizer, separator_id, holdout)[0]
+
+
+def held_out_tokens(tokenizer, holdout: int, separator_id: int | None = None) -> np.ndarray:
+    """The last ``holdout`` tokens of the training split, which :func:`wikipedia_tokens` leaves out."""
+    return _split_holdout(tokenizer, separator_id, holdout)[1]
+
+
+def _split_holdout(tokenizer, separator_id: int | None, holdout: int) -> tuple[np.ndarray, np.ndarray]:
     from edgekit.data.wikipedia import token_stream
 
     tokens = token_stream(tokenizer, "calib", None, separator_id)
     if not 0 <= holdout < tokens.size:
         raise EdgekitError(f"holdout_tokens must be in 0..{tokens.size - 1}, got {holdout}")
-    return tokens[: tokens.size - holdout]
-
-
-def held_out_tokens(tokenizer, holdout: int, separator_id: int | None = None) -> np.ndarray:
-    """The last ``holdout`` tokens of the training split, which :func:`wikipedia_tokens` leaves out."""
-    from edgekit.data.wikipedia import token_stream
-
-    tokens = token_stream(tokenizer, "calib", None, separator_id)
-    return tokens[tokens.size - holdout :]
+    return tokens[: tokens.size - holdout], tokens[tokens.size - holdout :]
 
 
 def lm_batches(tokens: np.ndarray, batch: int, seq_len: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

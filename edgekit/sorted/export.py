@@ -287,13 +287,14 @@ def calibration_text(bundle, settings: dict[str, Any]) -> np.ndarray:
 
     The held-out tail when training kept one (``holdout_tokens``), else the first unseen run.
     """
-    from edgekit.data.wikipedia import token_stream
-    from edgekit.sorted.data import trained_positions, unseen_span
+    from edgekit.sorted.data import held_out_tokens, trained_positions, unseen_span, wikipedia_tokens
 
-    stream = token_stream(bundle.tokenizer, "calib", None, bundle.meta.get("document_separator_id"))
+    separator = bundle.meta.get("document_separator_id")
     holdout = settings.get("training", {}).get("holdout_tokens", 0)
     if holdout:
-        stream = stream[stream.size - holdout :]
+        stream = held_out_tokens(bundle.tokenizer, holdout, separator)
+    else:
+        stream = wikipedia_tokens(bundle.tokenizer, separator)
     windows = settings.get("training", {}).get("windows")
     seen = trained_positions(stream.size, **windows) if windows else np.zeros(stream.size, dtype=bool)
     return unseen_span(stream, seen, settings["calibration_tokens"])

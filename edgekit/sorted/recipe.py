@@ -159,8 +159,7 @@ def apply(bundle: ModelBundle, data: object, config: Config) -> ModelBundle:
                 "seed": config.seed,
                 "draws": config.steps * config.grad_accum,
             }
-    module.hf_model.cpu()  # trained wherever config.device said; exported from the CPU
-    module.cpu().eval()
+    module.cpu().eval()  # trained wherever config.device said; exported from the CPU
     sorted_meta = {
         "depths": depths,
         "thresholds": thresholds,  # None: calibrated by the export

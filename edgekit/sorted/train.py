@@ -138,8 +138,7 @@ def train(
     state_path = work_dir / STATE_FILE
     hf_model = model.hf_model
     device = config.torch_device()
-    hf_model.to(device)
-    model.to(device)  # its own buffers (RoPE frequencies); the layers are hf_model's, moved above
+    model.to(device)
     parameters = [p for p in hf_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95))
     settings = dataclasses.asdict(config) | {"depths": depths}

@@ -155,3 +155,12 @@ def test_bad_alpaca_files_are_user_errors(tmp_path: Path, content: str, message:
 def test_bad_device_is_a_user_error(device: str, message: str) -> None:
     with pytest.raises(EdgekitError, match=message):
         TrainConfig(device=device).check()
+
+
+def test_moving_a_sub_model_moves_the_whole_wrapped_model() -> None:
+    """Training moves the model to its device in one call; the layers a sub-model does not run and
+    the transformers model's own buffers must follow, or a later deeper sub-model mixes devices."""
+    hf_model = tiny_llama()
+    CausalLMWithCache(hf_model, num_layers=2).double()
+    assert {p.dtype for p in hf_model.parameters()} == {torch.float64}
+    assert all(b.dtype == torch.float64 for b in hf_model.buffers() if b.is_floating_point())
