@@ -43,6 +43,8 @@ class Add(nn.Module):
         return a + b
 
 
+# The clipping logits' start, b0: nearer the max than the paper's 4 (mobilequant.py says why).
+CLIP_INIT = 6.0
 WEIGHTED = (nn.Conv2d, nn.Linear)
 SITE_TYPES = (*WEIGHTED, nn.ReLU, nn.ReLU6, nn.AvgPool2d, nn.AdaptiveAvgPool2d, Add)
 # Leaves a plain conv net may also hold: folded away, inert in eval mode, or keeping their input's
@@ -151,7 +153,7 @@ class QuantConvNet(nn.Module, QuantSwitches):
 
     family = "convnet"
 
-    def __init__(self, float_module: nn.Module, bits: Bits = Bits(), clip_init: float = 6.0) -> None:
+    def __init__(self, float_module: nn.Module, bits: Bits = Bits(), clip_init: float = CLIP_INIT) -> None:
         super().__init__()
         if not is_convnet(float_module):
             raise EdgekitError(f"a {type(float_module).__name__} is not a plain conv/linear net")
@@ -231,7 +233,7 @@ def _taking(name: str) -> type[QuantConvNet]:
     return type(f"QuantConvNet[{name}]", (QuantConvNet,), {"forward": forward, "__module__": __name__})
 
 
-def quant_convnet(float_module: nn.Module, bits: Bits = Bits(), clip_init: float = 6.0) -> QuantConvNet:
+def quant_convnet(float_module: nn.Module, bits: Bits = Bits(), clip_init: float = CLIP_INIT) -> QuantConvNet:
     """The simulated conv net, taking its one input by the float network's name for it."""
     names = list(inspect.signature(float_module.forward).parameters)
     kind = _taking(names[0]) if len(names) == 1 else QuantConvNet  # which refuses it, clearly

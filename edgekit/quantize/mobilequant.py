@@ -24,6 +24,7 @@ from torch import nn
 from edgekit.errors import EdgekitError
 from edgekit.models.bundle import ModelBundle
 from edgekit.models.llama import CausalLMWithCache
+from edgekit.quantize.convnet import CLIP_INIT as CONVNET_CLIP_INIT
 from edgekit.quantize.convnet import QuantConvNet, is_convnet, quant_convnet
 from edgekit.quantize.encoder import quant_encoder
 from edgekit.quantize.llama import Bits, QuantLlama
@@ -104,7 +105,7 @@ def bits_of(config: Config) -> Bits:
 FAMILY_RATES = {"llama": 5e-2, "bert": 5e-2, "dinov2": 1e-2, "convnet": 1e-3}
 FAMILY_CLIP_RATES = {"convnet": 5e-2}
 PAPER_CLIP_INIT = 4.0
-FAMILY_CLIP_INITS = {"convnet": 6.0}
+FAMILY_CLIP_INITS = {"convnet": CONVNET_CLIP_INIT}
 
 
 def schedule_of(config: Config, family: str = "llama") -> Schedule:
