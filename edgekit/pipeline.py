@@ -347,9 +347,9 @@ def _language_model_facts(bundle: ModelBundle, directory: Path) -> dict[str, Any
 def run_export(plan: ExportPlan) -> ExportResult:
     from edgekit.exporters.report import write_report
 
-    recipe = plan.recipe
     with step(f"loading {plan.model}"):
         bundle = load_model(plan.model)
+    recipe = plan.recipe.for_model(bundle.module)
     settings = recipe.settings
     samples = int(getattr(settings, "samples", 0) or 0)
     seq_len = int(getattr(settings, "seq_len", 128))

@@ -59,44 +59,85 @@ def is_convnet(module: nn.Module) -> bool:
     return known and any(isinstance(m, WEIGHTED) for m in leaves)
 
 
+def _traced(model: nn.Module) -> torch.fx.GraphModule:
+    """``model`` traced by torch.fx: what its ``forward`` does, module by module (paths kept)."""
+    try:
+        return torch.fx.symbolic_trace(model)
+    except Exception as error:  # data-dependent control flow and the like
+        raise EdgekitError(
+            f"mobilequant follows a conv net's dataflow with torch.fx, which cannot trace this "
+            f"{type(model).__name__}: {str(error).splitlines()[0] if str(error) else type(error).__name__}"
+        ) from None
+
+
+def _feeds(model: nn.Module) -> dict[str, str]:
+    """Module path -> the path of the module whose output is its only input, where that output
+    goes nowhere else and each module runs once: the pairs that may be folded or fused."""
+    nodes = [node for node in _traced(model).graph.nodes if node.op == "call_module"]
+    calls: dict[str, int] = {}
+    for node in nodes:
+        calls[node.target] = calls.get(node.target, 0) + 1
+    feeds = {}
+    for node in nodes:
+        source = node.args[0] if len(node.args) == 1 and not node.kwargs else None
+        single = isinstance(source, torch.fx.Node) and source.op == "call_module" and len(source.users) == 1
+        if single and calls[node.target] == calls[source.target] == 1:
+            feeds[node.target] = source.target
+    return feeds
+
+
+def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
 def fold_batchnorms(model: nn.Module) -> nn.Module:
-    """Every BatchNorm that directly follows a conv/linear in a Sequential folded into it (in place);
-    a BatchNorm anywhere else is a clear error (its input is not one layer's output)."""
-    for parent in list(model.modules()):
-        children = list(parent.named_children())
-        for index, (name, child) in enumerate(children):
-            if not isinstance(child, (nn.BatchNorm1d, nn.BatchNorm2d)):
-                continue
-            before = children[index - 1][1] if index and isinstance(parent, nn.Sequential) else None
-            if not isinstance(before, WEIGHTED):
-                raise EdgekitError(f"BatchNorm '{name}' does not follow a conv/linear layer: it cannot be folded")
-            setattr(parent, children[index - 1][0], fold_batchnorm(before, child))
-            setattr(parent, name, nn.Identity())
+    """Every BatchNorm whose input is a conv/linear layer's output (and nothing else reads that
+    output) folded into the layer, in place; any other BatchNorm is a clear error."""
+    norms = [path for path, m in model.named_modules() if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))]
+    feeds = _feeds(model) if norms else {}
+    for path in norms:
+        layer = model.get_submodule(feeds[path]) if path in feeds else None
+        if not isinstance(layer, WEIGHTED):
+            raise EdgekitError(f"BatchNorm '{path}' does not follow a conv/linear layer: it cannot be folded")
+        _replace(model, feeds[path], fold_batchnorm(layer, model.get_submodule(path)))
+        _replace(model, path, nn.Identity())
     return model
 
 
+def _as_module(node: torch.fx.Node) -> nn.Module | None:
+    """The module a function call of ``node`` becomes (adds, adaptive average pools, ReLU/ReLU6)."""
+    args, kwargs = node.args, {k: v for k, v in node.kwargs.items() if k != "inplace"}
+    if node.op == "call_method" and node.target == "relu" and len(args) == 1 and not kwargs:
+        return nn.ReLU()
+    if node.op != "call_function" or kwargs:
+        return None
+    if node.target in (operator.add, torch.add) and len(args) == 2 and all(isinstance(a, torch.fx.Node) for a in args):
+        return Add()
+    if node.target is nn.functional.adaptive_avg_pool2d:
+        return nn.AdaptiveAvgPool2d(args[1])
+    if node.target in (torch.relu, nn.functional.relu) and len(args) == 1:
+        return nn.ReLU()
+    if node.target is nn.functional.relu6 and len(args) == 1:
+        return nn.ReLU6()
+    return None
+
+
 def functions_as_modules(model: nn.Module) -> nn.Module:
-    """``model`` with the tensor adds and adaptive average pools its ``forward`` calls as functions
-    (MobileNetV2's residuals and global pool) made modules, by an fx rewrite, so their outputs are
-    sites like every other: onnxruntime quantizes those tensors whether or not the simulation does.
-    A model fx cannot trace, or with no such calls, is returned as it is (module paths unchanged)."""
-    try:
-        traced = torch.fx.symbolic_trace(model)
-    except Exception:  # data-dependent control flow and the like: keep the module as written
-        return model
+    """``model`` with the tensor adds, adaptive average pools and ReLUs its ``forward`` calls as
+    functions (MobileNetV2's residuals and global pool, ``F.relu`` in a hand-written forward) made
+    modules, by an fx rewrite, so their outputs are sites like every other: onnxruntime quantizes
+    those tensors whether or not the simulation does. With no such calls ``model`` is returned."""
+    traced = _traced(model)
     rewritten = 0
     for node in list(traced.graph.nodes):
-        tensors = node.op == "call_function" and all(isinstance(a, torch.fx.Node) for a in node.args)
-        if tensors and node.target in (operator.add, torch.add) and len(node.args) == 2 and not node.kwargs:
-            module, args = Add(), node.args
-        elif node.op == "call_function" and node.target is nn.functional.adaptive_avg_pool2d:
-            module, args = nn.AdaptiveAvgPool2d(node.args[1]), node.args[:1]
-        else:
+        module = _as_module(node)
+        if module is None:
             continue
         name = f"{type(module).__name__.lower()}_{rewritten}"
         traced.add_submodule(name, module)
         with traced.graph.inserting_before(node):
-            replacement = traced.graph.call_module(name, tuple(args))
+            replacement = traced.graph.call_module(name, tuple(node.args[: 2 if isinstance(module, Add) else 1]))
         node.replace_all_uses_with(replacement)
         traced.graph.erase_node(node)
         rewritten += 1
@@ -107,17 +148,18 @@ def functions_as_modules(model: nn.Module) -> nn.Module:
 
 
 def _followed_by_activation(model: nn.Module) -> set[str]:
-    """Paths of the conv/linear layers a ReLU/ReLU6 follows in a Sequential (folded BatchNorms
-    between them skipped): NPUs and XNNPACK run the pair as one op and quantize once, at the
-    activation's output, so such a layer's own output is no site."""
+    """Paths of the conv/linear layers whose output only a ReLU/ReLU6 reads (folded BatchNorms and
+    other identities between them skipped): NPUs and XNNPACK run the pair as one op and quantize
+    once, at the activation's output, so such a layer's own output is no site."""
+    feeds = _feeds(model)
     fused = set()
-    for parent_path, parent in model.named_modules():
-        if not isinstance(parent, nn.Sequential):
+    for path, source in feeds.items():
+        if not isinstance(model.get_submodule(path), (nn.ReLU, nn.ReLU6)):
             continue
-        children = [(name, child) for name, child in parent.named_children() if not isinstance(child, nn.Identity)]
-        for (name, child), (_, after) in zip(children, children[1:], strict=False):
-            if isinstance(child, WEIGHTED) and isinstance(after, (nn.ReLU, nn.ReLU6)):
-                fused.add(f"{parent_path}.{name}" if parent_path else name)
+        while isinstance(model.get_submodule(source), (nn.Identity, nn.Dropout)) and source in feeds:
+            source = feeds[source]
+        if isinstance(model.get_submodule(source), WEIGHTED):
+            fused.add(source)
     return fused
 
 
@@ -163,9 +205,8 @@ class QuantConvNet(nn.Module, QuantSwitches):
         self.input_name = names[0]
         # every activation at the matmul-input width, every weight per channel
         self.bits = dataclasses.replace(bits, other=bits.matmul, per_channel=True)
-        net = fold_batchnorms(copy.deepcopy(float_module).eval())
-        fused = _followed_by_activation(net)  # from the Sequentials, which fx flattens
-        self.net = functions_as_modules(net)
+        self.net = functions_as_modules(fold_batchnorms(copy.deepcopy(float_module).eval()))
+        fused = _followed_by_activation(self.net)
         self.paths: list[str] = []  # the modules whose output is a site
         self.sites: list[QuantSite] = []
         for path, module in list(self.net.named_modules()):

@@ -13,6 +13,7 @@ SmoothQuant + MinMax baseline at the same bit-widths.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from edgekit.models.bundle import ModelBundle
 from edgekit.models.llama import CausalLMWithCache
 from edgekit.quantize.convnet import CLIP_INIT as CONVNET_CLIP_INIT
 from edgekit.quantize.convnet import QuantConvNet, is_convnet, quant_convnet
-from edgekit.quantize.encoder import quant_encoder
+from edgekit.quantize.encoder import encoder_family, quant_encoder
 from edgekit.quantize.llama import Bits, QuantLlama
 from edgekit.quantize.optimise import Batch, Schedule, Simulated, float_targets, hidden_mse, optimise
 from edgekit.quantize.smoothquant import smoothquant_init
@@ -52,13 +53,13 @@ ENCODER_SIXTEEN_BIT_OPS = SIXTEEN_BIT_OPS | {
 
 @dataclass
 class Config:
-    """MobileQuant settings; defaults finish SmolLM2-135M on this 2-core machine in ~30 minutes."""
+    """MobileQuant settings; defaults finish SmolLM2-135M on this 2-core machine within 30 minutes."""
 
     weight_bits: int = 8  # 8: per-tensor weights, per-channel down_proj; 4: per-channel weights
     int8_only: bool = False  # every activation 8-bit (targets without 16-bit support)
-    samples: int = 32  # calibration windows
+    samples: int | None = None  # calibration samples (windows of text); None: the family's (FAMILY_BUDGETS)
     seq_len: int = 128  # tokens per window
-    epochs: int = 2
+    epochs: int | None = None  # None: the family's (FAMILY_BUDGETS)
     batch_size: int = 4
     smoothquant_alpha: float = 0.5
     learn: bool = True  # false: SmoothQuant + MinMax, nothing learned
@@ -103,9 +104,29 @@ def bits_of(config: Config) -> Bits:
 # W4A8 0.105 but W8A8 0.00289, worse than MinMax. b0 = 6 rather than the paper's 4: at 4 (bound
 # 0.982 max|W|) W4A8 is 0.130 here, and a small random net starts at 5x MinMax's error and stays.
 FAMILY_RATES = {"llama": 5e-2, "bert": 5e-2, "dinov2": 1e-2, "convnet": 1e-3}
+# (samples, epochs) when a recipe leaves them unset. A conv net's step costs milliseconds, and at 32 x 2
+# (16 steps) its learned ranges barely leave MinMax's; 256 x 4 is the budget its rates were chosen at.
+FAMILY_BUDGETS = {"llama": (32, 2), "bert": (32, 2), "dinov2": (32, 2), "convnet": (256, 4)}
 FAMILY_CLIP_RATES = {"convnet": 5e-2}
 PAPER_CLIP_INIT = 4.0
 FAMILY_CLIP_INITS = {"convnet": CONVNET_CLIP_INIT}
+
+
+def family_of(float_model: nn.Module) -> str:
+    """The MobileQuant family of a float model (a clear error for one it does not support)."""
+    if isinstance(float_model, CausalLMWithCache):
+        return "llama"
+    return "convnet" if is_convnet(float_model) else encoder_family(float_model)
+
+
+def settings_for(config: Config, float_model: nn.Module) -> Config:
+    """``config`` with the calibration budget it leaves unset taken from the model's family."""
+    samples, epochs = FAMILY_BUDGETS[family_of(float_model)]
+    return dataclasses.replace(
+        config,
+        samples=samples if config.samples is None else config.samples,
+        epochs=epochs if config.epochs is None else config.epochs,
+    )
 
 
 def schedule_of(config: Config, family: str = "llama") -> Schedule:
@@ -208,6 +229,7 @@ def quantize_model(
     """Run the whole method on a float model; returns the trained simulated model (unfolded) and facts."""
     if not data:
         raise EdgekitError("mobilequant needs calibration data (samples must be positive)")
+    config = settings_for(config, float_model)
     torch.manual_seed(config.seed)
     started = time.perf_counter()
     model = simulated_model(float_model, bits_of(config), config.clip_init if config.learn else 30.0)

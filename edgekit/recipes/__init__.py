@@ -11,7 +11,8 @@ A recipe file looks like::
     min_sqnr_db = 15.0
 
 ``--set key=value`` overrides a settings field (or ``verify.key=value``). A new method is one
-module with ``Config`` and ``apply(bundle, data, config)`` plus one entry in ``TRANSFORMS``.
+module with ``Config`` and ``apply(bundle, data, config)`` plus one entry in ``TRANSFORMS``; it may
+add ``settings_for(config, module)`` to fill in settings whose default depends on the model.
 """
 
 from __future__ import annotations
@@ -62,6 +63,12 @@ class Recipe:
 
     def transform_module(self) -> types.ModuleType:
         return importlib.import_module(TRANSFORMS[self.transform])
+
+    def for_model(self, module: Any) -> Recipe:
+        """This recipe with the settings it leaves to the model filled in: a transform may define
+        ``settings_for(config, module)`` (MobileQuant's calibration budget depends on the family)."""
+        resolve = getattr(self.transform_module(), "settings_for", None)
+        return self if resolve is None else dataclasses.replace(self, settings=resolve(self.settings, module))
 
     def as_dict(self) -> dict[str, Any]:
         return {

@@ -105,6 +105,19 @@ def test_run_inspect_and_wrong_shape(cli, workspace: Path, int8_bundle: Path):
     assert "Traceback" not in wrong.stderr
 
 
+def test_mobilequant_takes_a_conv_nets_calibration_budget_unless_set(cli, workspace: Path):
+    from edgekit.quantize.mobilequant import FAMILY_BUDGETS
+
+    out = workspace / "mobilequant"
+    args = ["export", "tinyfactory:make", "--recipe", "mobilequant-w8a8", "--calib", "calib", "--format", "onnx"]
+    result = cli(workspace, *args, "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    settings = json.loads((out / "manifest.json").read_text())["recipe"]["settings"]
+    assert (settings["samples"], settings["epochs"]) == FAMILY_BUDGETS["convnet"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["formats"]["onnx"]["verification"]["passed"]
+
+
 def test_existing_non_empty_dir_is_refused_and_kept(cli, workspace: Path, int8_bundle: Path):
     before = sorted(p.name for p in int8_bundle.iterdir())
     result = cli(workspace, "export", "tinyfactory:make", "--out", str(int8_bundle), "--format", "onnx")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from mq_tiny import tiny_llama
 from test_mobilequant_encoder import _graph_tensors
 from test_mobilequant_export import qdq_params
 from torch import nn
@@ -152,10 +153,31 @@ def test_learned_clipping_beats_minmax_at_four_bits() -> None:
     assert moved > 0.5, "the clipping logits did not learn"
 
 
-def test_what_is_not_a_plain_conv_net_is_refused(small_conv) -> None:
-    assert is_convnet(small_conv.module)  # its leaves are conv, BatchNorm and linear ...
-    with pytest.raises(EdgekitError, match="does not follow a conv/linear"):
-        QuantConvNet(small_conv.module)  # ... but its BatchNorm is applied in forward, not after the conv
+def test_a_hand_written_forward_is_read_by_its_dataflow(small_conv) -> None:
+    """The BatchNorm applied in ``forward`` after the conv folds; ``torch.relu`` becomes a site that
+    the conv fuses into (the conv's own output is no site)."""
+    simulated = QuantConvNet(small_conv.module)
+    pixels = small_conv.example_inputs["pixels"]
+    with torch.no_grad():  # every quantizer off: the folded float network
+        torch.testing.assert_close(simulated(pixels), small_conv.module(pixels), atol=1e-5, rtol=1e-5)
+    assert isinstance(simulated.net.get_submodule("bn"), nn.Identity)
+    assert "conv" not in simulated.paths and "relu_0" in simulated.paths
+
+
+class Branching(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x) if x.sum() > 0 else self.conv(-x)
+
+
+def test_what_is_not_a_plain_conv_net_is_refused() -> None:
+    with pytest.raises(EdgekitError, match="'0' does not follow a conv/linear"):
+        QuantConvNet(nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3)))
+    with pytest.raises(EdgekitError, match="torch.fx, which cannot trace this Branching"):
+        QuantConvNet(Branching())
     assert not is_convnet(nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)))
 
 
@@ -193,3 +215,14 @@ def test_mobilenetv2_residual_adds_are_sites_and_its_file_tracks_the_simulation(
         with torch.no_grad():
             simulated = quantized.simulated(**{k: torch.as_tensor(v) for k, v in feed.items()}).numpy()
         assert sqnr_db(simulated, runtime) > 18.0  # 52 convolutions of 8-bit rounding; 14 dB with the adds float
+
+
+def test_a_budget_the_recipe_leaves_unset_is_the_model_familys() -> None:
+    cnn = tiny_bundle().module
+    for name, module in (("convnet", cnn), ("llama", tiny_llama())):
+        settings = recipes.load("mobilequant-w4a8").for_model(module).settings
+        assert (settings.samples, settings.epochs) == mobilequant.FAMILY_BUDGETS[name]
+    chosen = recipes.load("mobilequant-w4a8", {"samples": "8"}).for_model(cnn).settings
+    assert (chosen.samples, chosen.epochs) == (8, mobilequant.FAMILY_BUDGETS["convnet"][1])
+    assert mobilequant.FAMILY_BUDGETS["convnet"] != mobilequant.FAMILY_BUDGETS["llama"]
+    assert recipes.load("ptq-int8").for_model(cnn).settings == recipes.load("ptq-int8").settings
