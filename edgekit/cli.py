@@ -121,7 +121,8 @@ def recipes_show(
     table.add_row("transform", recipe.transform)
     for section in ("settings", "verify"):
         for key, value in resolved[section].items():
-            table.add_row(f"{section}.{key}" if section == "verify" else key, str(value))
+            shown = "unset (the model's default)" if value is None else str(value)
+            table.add_row(f"{section}.{key}" if section == "verify" else key, shown)
     console.print(table)
 
 

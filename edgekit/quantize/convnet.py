@@ -6,15 +6,17 @@ clipping of every Conv2d / Linear weight (bound = sigmoid(b) · max|W|) and the 
 every quantized activation, all jointly, end to end on the MSE of the network's output against the
 float network's, with the same optimiser and schedules as the transformer models.
 
-The network is the float one with each BatchNorm folded into the convolution before it (what the
-exported graph runs) and each *site* module wrapped in a :class:`QuantSite`: every Conv2d and
-Linear, activation and average-pooling module. A site's output is one tensor of the exported graph
-(the module's output), so the learned range is written for exactly that tensor; the graph input is
-a site too. A conv/linear that a ReLU/ReLU6 follows has no output site of its own: NPUs (and
-XNNPACK) run the pair as one op, quantized once at the activation's output. A max-pool keeps its
-input's grid. Tensor adds and adaptive average pools a ``forward`` calls as functions (MobileNetV2's
-residuals and global pool) are made modules first (:func:`functions_as_modules`), so they are sites
-too; other function calls (flatten, views) move values without changing them.
+The network's dataflow is read from its ``forward`` with torch.fx, so a hand-written forward is
+handled as a Sequential is. The network is the float one with each BatchNorm folded into the
+conv/linear whose output it normalises (what the exported graph runs) and each *site* module
+wrapped in a :class:`QuantSite`: every Conv2d and Linear, activation and average-pooling module. A
+site's output is one tensor of the exported graph (the module's output), so the learned range is
+written for exactly that tensor; the graph input is a site too. A conv/linear whose output only a
+ReLU/ReLU6 reads has no output site of its own: NPUs (and XNNPACK) run the pair as one op,
+quantized once at the activation's output. A max-pool keeps its input's grid. Tensor adds,
+adaptive average pools and ReLUs a ``forward`` calls as functions (MobileNetV2's residuals and
+global pool, ``torch.relu``) are made modules first (:func:`functions_as_modules`), so they are
+sites too; other function calls (flatten, views) move values without changing them.
 Every activation is 8-bit (a CNN has no norm or softmax to keep at 16), every weight per channel.
 """
 
