@@ -4,8 +4,8 @@ Rows per model: fp32; ptq-int8 (onnxruntime MinMax, per-channel weights); MinMax
 bits (the ``smoothquant-w8a8`` recipe: a conv net has no transform sites, so it is MinMax with
 every activation 8-bit); MobileQuant W8A8; the same two at W4A8. Each is exported to ONNX by the
 pipeline and run in onnxruntime. Quality: Fashion-MNIST test accuracy (``fmnist-cnn``, 2,000 test
-images), plus the logits' SQNR against fp32 that the verification reports. Calibration: 256 samples x 4 epochs (the
-budget a CNN needs; it takes seconds). Shares the encoder bench's row runner.
+images), plus the logits' SQNR against fp32 that the verification reports. Calibration: the recipes' budget for a conv
+net (``mobilequant.FAMILY_BUDGETS``: 256 samples x 4 epochs; it takes seconds). Shares the encoder bench's row runner.
 
 Usage: python bench/mobilequant_cnn.py [--models fmnist-cnn] [--rows ...]
 """
@@ -22,14 +22,13 @@ RESULTS = Path(__file__).parent / "results" / "mobilequant_cnn.json"
 # labelled photos say little about accuracy.
 MODELS = {"fmnist-cnn": 2000, "mobilenetv2": 7}
 DEFAULT_MODELS = ["fmnist-cnn"]
-BUDGET = ["samples=256", "epochs=4"]
 ROWS = {  # row -> (recipe, bits W/A, extra recipe settings)
     "fp32": ("fp32", "32/32", []),
     "ptq-int8": ("ptq-int8", "8/8", []),
-    "minmax-w8a8": ("smoothquant-w8a8", "8/8", BUDGET),
-    "mobilequant-w8a8": ("mobilequant-w8a8", "8/8", BUDGET),
-    "minmax-w4a8": ("smoothquant-w8a8", "4/8", ["weight_bits=4", *BUDGET]),
-    "mobilequant-w4a8": ("mobilequant-w4a8", "4/8", BUDGET),
+    "minmax-w8a8": ("smoothquant-w8a8", "8/8", []),
+    "mobilequant-w8a8": ("mobilequant-w8a8", "8/8", []),
+    "minmax-w4a8": ("smoothquant-w8a8", "4/8", ["weight_bits=4"]),
+    "mobilequant-w4a8": ("mobilequant-w4a8", "4/8", []),
 }
 
 
