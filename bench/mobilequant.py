@@ -112,7 +112,7 @@ def main() -> None:
                 for key, value in settings.items()
                 if value is not None and hasattr(recipes.load(recipe_name).settings, key)
             }
-            recipe = recipes.load(recipe_name, overrides)
+            recipe = recipes.load(recipe_name, overrides).for_model(bundle.module)
             samples = int(getattr(recipe.settings, "samples", 0) or 0)
             seq_len = int(getattr(recipe.settings, "seq_len", args.seq_len or 128))
             calib = calibration_inputs(bundle, None, samples, seq_len) if samples else []
