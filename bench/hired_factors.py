@@ -63,10 +63,7 @@ def main() -> int:
                 ]
                 choices[f"{quota} quotas, {ranking}"] = [encoded.features[part, k] for part, k in enumerate(kept)]
         for name, visual in choices.items():
-            with torch.no_grad():
-                embeds, _ = model.prompt_embeds(visual, item.question)
-                logits, cache = model._prefill(embeds)
-                right[name].append(model._choose(logits, cache, scenes.NAMES) == item.answer)
+            right[name].append(model.choose(visual, item.question, scenes.NAMES) == item.answer)
         if (index + 1) % 20 == 0:
             print(index + 1, "scenes", {k: round(float(np.mean(v)), 3) for k, v in right.items()}, flush=True)
     result = {

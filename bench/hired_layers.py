@@ -50,10 +50,7 @@ def main() -> int:
             late = hired.cls_attention(out.attentions, layer)
             for alpha in ALPHAS:
                 kept = hired.select(early[0], late, vlm.GRID, vlm.LAYOUT, HiredSettings(0.2, alpha, 0, layer))
-                with torch.no_grad():
-                    embeds, _ = model.prompt_embeds([features[i, k] for i, k in enumerate(kept)], item.question)
-                    logits, cache = model._prefill(embeds)
-                    choice = model._choose(logits, cache, scenes.NAMES)
+                choice = model.choose([features[i, k] for i, k in enumerate(kept)], item.question, scenes.NAMES)
                 right.setdefault(f"late={layer},alpha={alpha:g}", []).append(choice == item.answer)
         if (index - FIRST_SCENE + 1) % 10 == 0:
             print(index - FIRST_SCENE + 1, "scenes", {k: round(float(np.mean(v)), 3) for k, v in right.items()})

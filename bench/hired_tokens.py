@@ -48,10 +48,7 @@ def main() -> int:
                 candidates = np.flatnonzero(pool)
                 keep = np.sort(rng.choice(candidates, size=min(quota, len(candidates)), replace=False))
                 visual.append(encoded.features[part, torch.from_numpy(keep)])
-            with torch.no_grad():
-                embeds, _ = model.prompt_embeds(visual, item.question)
-                logits, cache = model._prefill(embeds)
-                right[kind].append(model._choose(logits, cache, scenes.NAMES) == item.answer)
+            right[kind].append(model.choose(visual, item.question, scenes.NAMES) == item.answer)
             kept_counts[kind].append(sum(len(v) for v in visual))
         if (index + 1) % 10 == 0:
             print(index + 1, "scenes", {k: round(float(np.mean(v)), 3) for k, v in right.items()}, flush=True)

@@ -275,6 +275,13 @@ class DinoSmolVLM(nn.Module):
         visual_count = sum(int(v.shape[0]) for v in visual)
         return Answer(text.strip(), visual_count, length, ttft, decode_s, len(tokens) - 1, kv, kept, choice)
 
+    @torch.no_grad()
+    def choose(self, visual: list[torch.Tensor], question: str, candidates: tuple[str, ...]) -> str:
+        """The likeliest of ``candidates`` as the answer, given per-partition visual features
+        (what the benches compare token reductions by: no generation, no timing)."""
+        embeds, _ = self.prompt_embeds(visual, question)
+        return self._choose(*self._prefill(embeds), candidates)
+
     def _choose(self, logits: torch.Tensor, cache: list[torch.Tensor], candidates: tuple[str, ...]) -> str:
         """The candidate whose tokens (and <|im_end|>) are most likely after the prompt.
 

@@ -133,6 +133,7 @@ def test_choice_is_the_most_likely_candidate(small_vlm) -> None:
             scores.append(float(torch.log_softmax(logits, -1).gather(1, ids[:, None]).sum()))
     assert answer.choice == scenes.NAMES[int(np.argmax(scores))]
     assert sorted(scores)[-1] - sorted(scores)[-2] > 1e-4  # not decided by rounding
+    assert small_vlm.choose(visual, item.question, scenes.NAMES) == answer.choice  # the benches' shortcut
 
 
 def test_training_moves_only_the_projector_and_the_merged_adapters() -> None:
