@@ -6,6 +6,8 @@ which tokens a partition keeps (the top of the late layer's CLS attention, again
 This crosses the two at one budget, on the same evaluation scenes, answered by the closed-vocabulary
 choice: (HiRED quotas | even quotas) x (top attention | random), plus all tokens. Every
 configuration sees the same scenes, so differences are paired; their standard errors are reported.
+``kept_token_cosine``: how alike the tokens a configuration keeps inside a sub-image are (mean
+pairwise cosine of their features), i.e. how much of its budget repeats the same information.
 
     PYTHONPATH=. python bench/hired_factors.py [--scenes 200] [--ratio 0.2] [--threads 2]
 """
@@ -35,6 +37,17 @@ def paired(right: dict[str, list[bool]], a: str, b: str) -> dict[str, float]:
     return {"difference": float(diff.mean()), "standard_error": float(diff.std(ddof=1) / np.sqrt(len(diff)))}
 
 
+def redundancy(visual: list[torch.Tensor]) -> float:
+    """Mean pairwise cosine similarity of the kept tokens within each sub-image, averaged."""
+    values = []
+    for tokens in visual[1:]:
+        if len(tokens) > 1:
+            unit = torch.nn.functional.normalize(tokens, dim=-1)
+            similarity = unit @ unit.T
+            values.append(float(similarity[~torch.eye(len(tokens), dtype=torch.bool)].mean()))
+    return float(np.mean(values))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scenes", type=int, default=200)
@@ -48,6 +61,7 @@ def main() -> int:
     rng = np.random.default_rng(0)
     names = ["full"] + [f"{quota} quotas, {ranking}" for quota in QUOTAS for ranking in RANKINGS]
     right: dict[str, list[bool]] = {name: [] for name in names}
+    similar: dict[str, list[float]] = {name: [] for name in names}
     for index, item in enumerate(scenes.scenes("eval", args.scenes)):
         encoded = model.encode(item.image)
         shares = hired.region_shares(encoded.early[0], vlm.GRID, vlm.LAYOUT).numpy()
@@ -64,6 +78,7 @@ def main() -> int:
                 choices[f"{quota} quotas, {ranking}"] = [encoded.features[part, k] for part, k in enumerate(kept)]
         for name, visual in choices.items():
             right[name].append(model.choose(visual, item.question, scenes.NAMES) == item.answer)
+            similar[name].append(redundancy(visual))
         if (index + 1) % 20 == 0:
             print(index + 1, "scenes", {k: round(float(np.mean(v)), 3) for k, v in right.items()}, flush=True)
     result = {
@@ -73,6 +88,7 @@ def main() -> int:
         "ratio": args.ratio,
         "settings": {"alpha": settings.alpha, "early": settings.early_layer, "late": model.encoder.late_layer},
         "choice_accuracy": {name: float(np.mean(v)) for name, v in right.items()},
+        "kept_token_cosine": {name: float(np.mean(v)) for name, v in similar.items()},
         "paired": {
             f"{factor}: {a} - {b}": paired(right, a, b)
             for factor, a, b in (
