@@ -124,12 +124,23 @@ def bench_model(name: str, work: Path, rows: list[str], args, table: dict = ROWS
 
 
 def run_models(results: Path, args, table: dict = ROWS, eval_samples: dict = MODELS) -> dict:
-    """``bench_model`` for each of ``args.models``, merged into ``results`` (rewritten after each)."""
+    """``bench_model`` for each of ``args.models``, merged into ``results`` (rewritten after each).
+
+    Rows re-run replace their old entries; the model's other rows are kept as they were measured
+    (each row records the command that measured it, and its ratios are to that run's fp32)."""
     previous = json.loads(results.read_text()) if results.is_file() else {"models": {}}
+    command = f"python bench/{Path(sys.argv[0]).name} " + " ".join(sys.argv[1:])
     with tempfile.TemporaryDirectory(prefix="edgekit-bench-") as tmp:
         for name in args.models.split(","):
-            previous["models"][name] = bench_model(name, Path(tmp), args.rows.split(","), args, table, eval_samples)
-            previous["command"] = f"python bench/{Path(sys.argv[0]).name} " + " ".join(sys.argv[1:])
+            fresh = bench_model(name, Path(tmp), args.rows.split(","), args, table, eval_samples)
+            old = previous["models"].get(name, {})
+            measured = {row: {**facts, "command": command} for row, facts in fresh["rows"].items()}
+            rows = {**old.get("rows", {}), **measured}
+            latency = {**old.get("latency_ms", {}), **fresh.get("latency_ms", {})}
+            fresh["rows"] = {row: rows[row] for row in table if row in rows}
+            fresh["latency_ms"] = {row: latency[row] for row in table if row in latency}
+            previous["models"][name] = fresh
+            previous["command"] = command
             results.parent.mkdir(parents=True, exist_ok=True)
             results.write_text(json.dumps(previous, indent=2))
     return previous
