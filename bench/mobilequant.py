@@ -102,6 +102,7 @@ def main() -> None:
     settings = {"samples": args.samples, "seq_len": args.seq_len, "epochs": args.epochs, "batch_size": args.batch_size}
     rows: list[dict] = []
     kept = _kept_rows(args) if args.merge else []
+    earlier_pte = _earlier_pte_rows() if args.merge else {}
     sessions = {}
     with tempfile.TemporaryDirectory(prefix="edgekit-mq-bench-") as tmp:
         for row_name in args.rows.split(","):
@@ -165,6 +166,8 @@ def main() -> None:
                 row["prefill_latency_ratio"] = latency[row_name] / latency["fp32"]
             if row_name in pte_rows:
                 row["pte"] = _pte_row(transformed, Path(tmp) / f"{row_name}-pte", tokens, programs, row_name, args)
+            elif row_name in earlier_pte:  # not lowered this run: keep the .pte measurement it had
+                row["pte"] = earlier_pte[row_name]
             if rows and rows[0]["method"] == "fp32":
                 row["perplexity_ratio"] = row["perplexity"] / rows[0]["perplexity"]
                 row["size_ratio"] = row["bytes"] / rows[0]["bytes"]
@@ -253,6 +256,15 @@ def _kept_rows(args) -> list[dict]:
     earlier = json.loads(RESULTS.read_text())
     rerun = set(args.rows.split(","))
     return [{"budget": earlier.get("budget"), **row} for row in earlier["rows"] if row["method"] not in rerun]
+
+
+def _earlier_pte_rows() -> dict[str, dict]:
+    """Method -> the .pte measurement an earlier run recorded for it, with that run's budget."""
+    if not RESULTS.exists():
+        return {}
+    earlier = json.loads(RESULTS.read_text())["rows"]
+    # one already carried forward keeps the budget of the run that measured it (it comes second)
+    return {row["method"]: {"budget": row.get("budget"), **row["pte"]} for row in earlier if "pte" in row}
 
 
 def _write(args, kept: list[dict], rows: list[dict]) -> list[dict]:
