@@ -1,7 +1,8 @@
 """MobileQuant on SmolLM2-135M: perplexity of each exported ONNX file, run in onnxruntime.
 
 Rows: fp32, ptq-int8 (onnxruntime MinMax W8A8), SmoothQuant α=0.5 + MinMax (same bits as
-MobileQuant W8A8), MobileQuant W8A8, W8A8 int8-only, W4A8. Per row: bits, perplexity on the
+MobileQuant W8A8), MobileQuant W8A8, W8A8 int8-only, SmoothQuant + MinMax at W4A8 (per-channel
+round-to-nearest int4, nothing learned: W4A8's baseline), MobileQuant W4A8. Per row: bits, perplexity on the
 Wikipedia evaluation split (the .onnx prefill graph in onnxruntime, 256-token windows), ratio to
 fp32, file size, prefill latency ratio to fp32 (256 tokens, interleaved in this process),
 calibration (transform) time, and the Snapdragon 8 Gen 3 NPU profile's integer coverage. Rows that
@@ -34,13 +35,14 @@ from edgekit.calibrate import calibration_inputs
 from edgekit.evaluate import perplexity
 
 RESULTS = Path(__file__).parent / "results" / "mobilequant.json"
-ROWS = {
-    "fp32": ("fp32", "32/32"),
-    "ptq-int8": ("ptq-int8", "8/8"),
-    "smoothquant+minmax": ("smoothquant-w8a8", "8/8+16"),
-    "mobilequant-w8a8": ("mobilequant-w8a8", "8/8+16"),
-    "mobilequant-w8a8-int8only": ("mobilequant-w8a8-int8only", "8/8"),
-    "mobilequant-w4a8": ("mobilequant-w4a8", "4/8+16"),
+ROWS = {  # row -> (recipe, bits W/A, extra recipe settings)
+    "fp32": ("fp32", "32/32", {}),
+    "ptq-int8": ("ptq-int8", "8/8", {}),
+    "smoothquant+minmax": ("smoothquant-w8a8", "8/8+16", {}),
+    "mobilequant-w8a8": ("mobilequant-w8a8", "8/8+16", {}),
+    "mobilequant-w8a8-int8only": ("mobilequant-w8a8-int8only", "8/8", {}),
+    "smoothquant+minmax-w4a8": ("smoothquant-w8a8", "4/8+16", {"weight_bits": "4"}),
+    "mobilequant-w4a8": ("mobilequant-w4a8", "4/8+16", {}),
 }
 DEVICE = "snapdragon-8gen3-npu"
 PREFILL = 256  # prefill latency length and the .pte's static window
@@ -106,13 +108,13 @@ def main() -> None:
     sessions = {}
     with tempfile.TemporaryDirectory(prefix="edgekit-mq-bench-") as tmp:
         for row_name in args.rows.split(","):
-            recipe_name, bits = ROWS[row_name]
+            recipe_name, bits, extra = ROWS[row_name]
             print(f"== {row_name}", file=sys.stderr)
             overrides = {
                 key: str(value)
                 for key, value in settings.items()
                 if value is not None and hasattr(recipes.load(recipe_name).settings, key)
-            }
+            } | extra
             recipe = recipes.load(recipe_name, overrides).for_model(bundle.module)
             samples = int(getattr(recipe.settings, "samples", 0) or 0)
             seq_len = int(getattr(recipe.settings, "seq_len", args.seq_len or 128))

@@ -1088,7 +1088,8 @@ def tensor_overrides(
     for name, value in fixed.items():
         overrides[name] = [_fixed_override(value)]
 
-    if spec.per_channel_modules:  # explicit also under weight_per_channel: a Gather's table has no default axis
+    # explicit also under weight_per_channel: a Gather's table has no default axis
+    if spec.per_channel_modules or spec.eight_bit_weight_modules:
         initializers = {init.name: init for init in graph.initializer}
         owners = weight_modules or {}
         for node in graph.node:
@@ -1097,8 +1098,10 @@ def tensor_overrides(
                 continue
             weight, axis = found
             owner = owners.get(weight, weight.rsplit(".", 1)[0] if weight.endswith(".weight") else weight)
-            if any(fnmatch(owner, pattern) for pattern in spec.per_channel_modules):
-                overrides[weight] = [{"axis": axis, "quant_type": _weight_qtype(spec.weight_bits)}]
+            eight_bit = any(fnmatch(owner, pattern) for pattern in spec.eight_bit_weight_modules)
+            if eight_bit or any(fnmatch(owner, pattern) for pattern in spec.per_channel_modules):
+                bits = 8 if eight_bit else spec.weight_bits
+                overrides[weight] = [{"axis": axis, "quant_type": _weight_qtype(bits)}]
     return overrides
 
 

@@ -36,6 +36,9 @@ class QuantSpec:
     overrides: dict[str, TensorOverride] = field(default_factory=dict)
     # module name patterns that keep per-channel weights even when weight_per_channel is False
     per_channel_modules: tuple[str, ...] = ()
+    # module name patterns whose weights stay 8-bit (per channel) when weight_bits is 4: an LM head
+    # and the lookup table it shares, which 4 bits cost most (MobileQuant W4A8)
+    eight_bit_weight_modules: tuple[str, ...] = ()
     samples: int = 64
     # run each RMSNorm as one op (its statistics internal, as NPUs do)
     fuse_rms_norm: bool = False

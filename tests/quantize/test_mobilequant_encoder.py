@@ -185,6 +185,31 @@ def test_the_recipe_exports_its_learned_ranges_as_an_integer_graph(family, tmp_p
     assert verdict.integer_coverage_count == 1.0 and verdict.integer_coverage_flops == 1.0
 
 
+def test_w4a8_keeps_berts_word_table_int8_per_row(tmp_path) -> None:
+    """The simulation looks words up in a per-row int8 table under W4 too; so does the file."""
+    bundle = tiny_bert()
+    data = numpy_feeds(sample_feeds("bert", 4))
+    config = mobilequant.Config(weight_bits=4, samples=4, epochs=0)
+    quantized = mobilequant.apply(bundle, data, config)
+    path = onnx_exporter.export_onnx(quantized, tmp_path / "w4", data).graphs["model"].path
+    model = onnx.load(str(path), load_external_data=False)
+    initializers = {i.name: i for i in model.graph.initializer}
+    gathers = [n for n in model.graph.node if n.op_type == "Gather"]
+    producers = {out: node for node in model.graph.node for out in node.output}
+    word = quantized.module.embed.word.weight
+    tables = [initializers[producers[g.input[0]].input[0]] for g in gathers if g.input[0] in producers]
+    table_types = {t.data_type for t in tables if list(t.dims) == list(word.shape)}
+    assert table_types == {onnx.TensorProto.INT8}
+    matmul_weights = [i for i in initializers.values() if len(i.dims) == 2 and list(i.dims) != list(word.shape)]
+    assert onnx.TensorProto.INT4 in {i.data_type for i in matmul_weights}
+    session = onnx_session(path)
+    feed = sample_feeds("bert", 1, seed=50)[0]
+    runtime = session.run(None, {name: value.numpy() for name, value in feed.items()})[0]
+    with torch.no_grad():
+        simulated = quantized.simulated(**feed).numpy()
+    assert sqnr_db(simulated, runtime) > 25.0
+
+
 def _sliced(bundle: ModelBundle, layers: int = 2) -> ModelBundle:
     module = copy.deepcopy(bundle.module)
     inner = module.encoder if hasattr(module, "pooling") else module.model

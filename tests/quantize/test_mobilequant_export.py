@@ -14,6 +14,7 @@ from onnx import numpy_helper
 
 from edgekit.models.bundle import ModelBundle
 from edgekit.quantize import mobilequant
+from edgekit.quantize.llama import LINEARS
 
 onnx_exporter = pytest.importorskip("edgekit.exporters.onnx")
 
@@ -149,9 +150,9 @@ def test_rms_norms_run_as_one_op_with_16_bit_weights(exported) -> None:
                 assert initializers[weight_dq.input[0]].data_type == onnx.TensorProto.INT16
 
 
-def test_w4a8_reads_an_int4_table_per_row_as_the_simulation_does(tmp_path) -> None:
-    """Under per-channel W4 the lookup table is int4 per row like the head (onnxruntime gives a
-    Gather's table no per-channel axis of its own): the file's logits track the simulation."""
+def test_w4a8_keeps_the_head_and_its_table_int8_per_row(tmp_path) -> None:
+    """Under W4 the block projections are int4 per channel; the head and the lookup table it shares
+    stay int8 per row, stored once, as the simulation quantizes them: the file tracks it."""
     from edgekit.evaluate import sqnr_db
     from edgekit.exporters.verify import onnx_session
 
@@ -168,10 +169,16 @@ def test_w4a8_reads_an_int4_table_per_row_as_the_simulation_does(tmp_path) -> No
     result = onnx_exporter.export_onnx(quantized, tmp_path / "w4", data, decode=False)
     model = onnx.load(str(result.graphs["prefill"].path), load_external_data=False)
     vocab, hidden = quantized.module.embed_tokens.weight.shape
-    tables = {i.name: i for i in model.graph.initializer if sorted(i.dims) == sorted([vocab, hidden])}
+    matrices = [i for i in model.graph.initializer if len(i.dims) == 2 and min(i.dims) > 1]
+    tables = [i for i in matrices if sorted(i.dims) == sorted([vocab, hidden])]
+    assert [onnx.TensorProto.DataType.Name(t.data_type) for t in tables] == ["INT8"]
     gather = next(n for n in model.graph.node if n.op_type == "Gather")
     table_dq = next(n for n in model.graph.node if n.output[0] == gather.input[0])
-    assert table_dq.op_type == "DequantizeLinear" and tables[table_dq.input[0]].data_type == onnx.TensorProto.INT4
+    assert table_dq.op_type == "DequantizeLinear" and table_dq.input[0] == tables[0].name
+    assert any(n.op_type == "Transpose" and n.input[0] == tables[0].name for n in model.graph.node)
+    projections = [i for i in matrices if i not in tables]
+    assert len(projections) == len(LINEARS) * len(quantized.module.layers)
+    assert {i.data_type for i in projections} == {onnx.TensorProto.INT4}
     ids = torch.randint(0, 101, (1, 20), generator=torch.Generator().manual_seed(5))
     logits = onnx_session(result.graphs["prefill"].path).run(None, {"input_ids": ids.numpy()})[0]
     with torch.no_grad():
