@@ -14,7 +14,8 @@ also lowered to ExecuTorch .pte (XNNPACK, static 256-token prefill, learned rang
 perplexity run in the ExecuTorch runtime and their prefill latency against the fp32 .pte, same run.
 The ONNX files are prefill graphs only (``export_onnx(decode=False)``): the bench measures prompts.
 
-Budget flags override the recipes' defaults (``--samples``, ``--seq-len``, ``--epochs``) and
+Budget flags override the recipes' defaults (``--samples``, ``--seq-len``, ``--epochs``; also
+``--lr-clip``, the clipping rate) and
 ``--layers`` benchmarks the first N decoder layers only (then final norm + head), for machines
 where the full model does not fit the time. Usage: python bench/mobilequant.py [--layers 4 ...]
 """
@@ -89,6 +90,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=None)
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--lr-clip", type=float, default=None, help="MobileQuant clipping rate")
     parser.add_argument("--eval-tokens", type=int, default=8192)
     parser.add_argument("--rows", default=",".join(ROWS))
     parser.add_argument("--latency-rounds", type=int, default=3)
@@ -101,7 +103,13 @@ def main() -> None:
     tokens = tokens[: max(PREFILL, len(tokens) // PREFILL * PREFILL)]  # whole windows: the .pte is static
     pte_rows = [name for name in args.pte_rows.split(",") if name]
     programs: dict[str, object] = {}
-    settings = {"samples": args.samples, "seq_len": args.seq_len, "epochs": args.epochs, "batch_size": args.batch_size}
+    settings = {
+        "samples": args.samples,
+        "seq_len": args.seq_len,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "lr_clip": args.lr_clip,
+    }
     rows: list[dict] = []
     kept = _kept_rows(args) if args.merge else []
     earlier_pte = _earlier_pte_rows() if args.merge else {}

@@ -35,7 +35,7 @@ from edgekit.errors import EdgekitError
 from edgekit.models.fold import fold_batchnorm
 from edgekit.quantize.fakequant import ActQuant, QuantSwitches, WeightQuant
 from edgekit.quantize.llama import Bits
-from edgekit.quantize.spec import TensorOverride
+from edgekit.quantize.spec import FamilyPlan, TensorOverride
 
 
 class Add(nn.Module):
@@ -165,6 +165,10 @@ def _followed_by_activation(model: nn.Module) -> set[str]:
     return fused
 
 
+# Every activation 8-bit (no 16-bit site), every weight per channel.
+CONVNET_PLAN = FamilyPlan(every_weight_per_channel=True, has_norms=False)
+
+
 class QuantSite(nn.Module):
     """A module whose output is a quantized tensor; a conv/linear also fake-quantizes its weight."""
 
@@ -173,7 +177,7 @@ class QuantSite(nn.Module):
         self.module = module
         self.act = ActQuant(bits.matmul) if quantize_output else nn.Identity()
         self.wquant = (
-            WeightQuant(module.weight.shape[0], bits.weight, per_channel=True, init=clip_init)
+            WeightQuant(module.weight.shape[0], bits.weight, CONVNET_PLAN.every_weight_per_channel, init=clip_init)
             if isinstance(module, WEIGHTED)
             else None
         )
@@ -196,6 +200,7 @@ class QuantConvNet(nn.Module, QuantSwitches):
     """The simulated model of a plain conv net: the interface of the transformer ones, no transforms."""
 
     family = "convnet"
+    plan = CONVNET_PLAN
 
     def __init__(self, float_module: nn.Module, bits: Bits = Bits(), clip_init: float = CLIP_INIT) -> None:
         super().__init__()

@@ -34,8 +34,8 @@ from torch import nn
 from edgekit.errors import EdgekitError
 from edgekit.models.hf import additive_padding_mask
 from edgekit.quantize.fakequant import ActQuant, QuantSwitches, WeightQuant, symmetric_fake_quant
-from edgekit.quantize.llama import SCORES_SPAN, Add, Bits, Softmax, clamp_scale
-from edgekit.quantize.spec import TensorOverride
+from edgekit.quantize.llama import SCORES_SPAN, SIXTEEN_BIT_OPS, Add, Bits, Softmax, clamp_scale
+from edgekit.quantize.spec import FamilyPlan, TensorOverride
 
 LINEARS = ("q", "k", "v", "o", "fc1", "fc2")
 
@@ -262,8 +262,30 @@ def _check_gelu(config) -> None:
         raise EdgekitError(f"MobileQuant's encoder path supports exact GELU MLPs, not '{act}'")
 
 
+# The encoders' non-linear pieces besides the decoder's: LayerNorm, GELU (one op or its Erf form),
+# pooling and L2 normalisation.
+ENCODER_SIXTEEN_BIT_OPS = SIXTEEN_BIT_OPS | {
+    "LayerNormalization",
+    "Gelu",
+    "Erf",
+    "ReduceSum",
+    "ReduceL2",
+    "Max",
+    "Clip",
+}
+
+
 class QuantEncoder(nn.Module, QuantSwitches):
     """The simulated (fake-quant) encoder and, after :meth:`fold`, the exportable float one."""
+
+    # fc2 per channel as a decoder's down_proj. BERT's word table: per-row int8 (as the exporter
+    # stores a Gather's table), nothing learned; DINOv2's patch convolution: per channel with learned
+    # clipping, like any other layer.
+    plan = FamilyPlan(
+        per_channel=("*fc2", "embed.patches.conv"),
+        eight_bit=("embed.word",),
+        sixteen_bit_ops=ENCODER_SIXTEEN_BIT_OPS,
+    )
 
     def __init__(self, float_module: nn.Module, bits: Bits = Bits(), clip_init: float = 4.0) -> None:
         super().__init__()
@@ -311,7 +333,7 @@ class QuantEncoder(nn.Module, QuantSwitches):
                     name: WeightQuant(
                         getattr(block, name).out_features,
                         bits.weight,
-                        bits.per_channel or (name == "fc2" and bits.per_channel_down),
+                        bits.per_channel or (bits.per_channel_down and self.plan.is_per_channel(name)),
                         clip_init,
                     )
                     for name in LINEARS
@@ -319,12 +341,17 @@ class QuantEncoder(nn.Module, QuantSwitches):
             )
             for block in self.layers
         )
-        # BERT's word table: per-row int8 (as the exporter stores a Gather's table), nothing learned;
-        # DINOv2's patch convolution: per-channel with learned clipping, like any other layer.
         if self.pre_norm:
-            self.embed_wquant = WeightQuant(self.embed.patches.conv.out_channels, bits.weight, True, clip_init)
+            embed, rows = "embed.patches.conv", self.embed.patches.conv.out_channels
         else:
-            self.embed_wquant = WeightQuant(self.embed.word.num_embeddings, 8, True, learn=False)
+            embed, rows = "embed.word", self.embed.word.num_embeddings
+        self.embed_wquant = WeightQuant(
+            rows,
+            self.plan.weight_bits(embed, bits.weight),
+            self.plan.is_per_channel(embed),
+            clip_init,
+            learn=self.pre_norm,
+        )
         self.recorder: dict[str, torch.Tensor] | None = None
         self.switch_off()
 

@@ -29,7 +29,7 @@ from torch import nn
 from edgekit.errors import EdgekitError
 from edgekit.models.llama import MASK_VALUE, CausalLMWithCache, _rotate_half
 from edgekit.quantize.fakequant import ActQuant, QuantSwitches, WeightQuant, symmetric_fake_quant
-from edgekit.quantize.spec import TensorOverride
+from edgekit.quantize.spec import FamilyPlan, TensorOverride
 
 # site -> (kind, module path inside the model, with {i} the layer index). "matmul" sites feed a
 # matrix multiplication (8-bit); "other" sites feed norms, softmax, residual adds, RoPE, SiLU or the
@@ -147,10 +147,28 @@ def clamp_scale(s: torch.Tensor) -> torch.Tensor:
     return torch.where(s >= 0, s.clamp_min(1e-5), s.clamp_max(-1e-5))
 
 
+# Op types inside norms, RoPE, SiLU and the mask whose outputs stay 16-bit in the mixed-precision
+# recipes (the learned sites are fixed by overrides; these are the remaining non-linear pieces).
+SIXTEEN_BIT_OPS = frozenset(
+    {"Pow", "ReduceMean", "Add", "Sqrt", "Div", "Reciprocal", "Mul", "Neg", "Sigmoid", "Softmax", "Sub", "Cos", "Sin"}
+)
+
+
 class QuantLlama(CausalLMWithCache, QuantSwitches):
     """The simulated (fake-quant) and, after :meth:`fold`, the exportable float model."""
 
     family = "llama"
+    # down_proj per channel as the paper's W8A8. The head is 8-bit per row under W4 too, as W4
+    # methods keep the head wide: SmolLM2's weights at 4 bits, nothing learned, score 76.7 held-out
+    # perplexity with a 4-bit head and 49.8 with an 8-bit one (fp32 22.7; bench/mobilequant_heldout.py).
+    # The lookup table gets the same grid, so a tied model's lookup and head read one stored int8
+    # table (the exporter writes a tensor and its transpose once).
+    plan = FamilyPlan(
+        per_channel=("*down_proj",),
+        eight_bit=("lm_head", "embed_tokens"),
+        sixteen_bit_ops=SIXTEEN_BIT_OPS,
+        fuse_rms_norm=True,
+    )
 
     def __init__(self, float_model: CausalLMWithCache, bits: Bits = Bits(), clip_init: float = 4.0) -> None:
         model = copy.deepcopy(float_model)
@@ -184,16 +202,16 @@ class QuantLlama(CausalLMWithCache, QuantSwitches):
         for layer in self.layers:
             quants = {}
             for name in LINEARS:
-                per_channel = bits.per_channel or (name == "down_proj" and bits.per_channel_down)
+                per_channel = bits.per_channel or (bits.per_channel_down and self.plan.is_per_channel(name))
                 quants[name] = WeightQuant(_linear(layer, name).out_features, bits.weight, per_channel, clip_init)
             self.wquant.append(nn.ModuleDict(quants))
-        # The head is not reached by the hidden-state loss: per-channel MinMax, no clipping to learn.
-        # The embedding table gets the same per-row grid, so a tied model's lookup and head read one
-        # stored int8 table (the exporter writes a tensor and its transpose once). 8-bit under W4 too,
-        # as W4 methods keep the head wide: SmolLM2's weights at 4 bits, nothing learned, score 76.7
-        # held-out perplexity with a 4-bit head and 49.8 with an 8-bit one (fp32 22.7;
-        # bench/mobilequant_heldout.py).
-        self.head_wquant = WeightQuant(self.lm_head.out_features, 8, True, learn=False)
+        # The head is not reached by the hidden-state loss: MinMax, no clipping to learn.
+        self.head_wquant = WeightQuant(
+            self.lm_head.out_features,
+            self.plan.weight_bits("lm_head", bits.weight),
+            self.plan.is_per_channel("lm_head"),
+            learn=False,
+        )
         self.recorder: dict[str, torch.Tensor] | None = None
         self.switch_off()
 

@@ -8,6 +8,7 @@ that learn their ranges (MobileQuant), fixed per-tensor scales that must not be 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from fnmatch import fnmatch
 from typing import Literal
 
 
@@ -19,6 +20,32 @@ class TensorOverride:
     scale: float
     zero_point: int
     signed: bool = False
+
+
+@dataclass(frozen=True)
+class FamilyPlan:
+    """What a simulated model family quantizes apart from the rest, by the exported module names.
+
+    One statement read twice: the simulated model builds its weight quantizers from it, and the
+    MobileQuant export plan (:class:`QuantSpec`) is written from it, so the file cannot drift from
+    the simulation (it did once: BERT's word table was exported at 4 bits, simulated at 8).
+    """
+
+    # module name patterns whose weights are per channel even where the others are per tensor (W8)
+    per_channel: tuple[str, ...] = ()
+    # module name patterns whose weights are 8-bit (per channel) even at W4
+    eight_bit: tuple[str, ...] = ()
+    every_weight_per_channel: bool = False
+    # op types whose outputs stay 16-bit in the mixed-precision recipes
+    sixteen_bit_ops: frozenset[str] = frozenset()
+    fuse_rms_norm: bool = False
+    has_norms: bool = True
+
+    def is_per_channel(self, module: str) -> bool:
+        return self.every_weight_per_channel or any(fnmatch(module, p) for p in self.per_channel + self.eight_bit)
+
+    def weight_bits(self, module: str, bits: int) -> int:
+        return 8 if any(fnmatch(module, p) for p in self.eight_bit) else bits
 
 
 @dataclass

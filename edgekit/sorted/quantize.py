@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 
 from edgekit.exporters.onnx import WEIGHTS_FILE, quantize_qdq, save_sharing_weights
-from edgekit.quantize.mobilequant import SIXTEEN_BIT_OPS
+from edgekit.quantize.llama import SIXTEEN_BIT_OPS
 from edgekit.quantize.spec import QuantSpec
 from edgekit.runtime.sorted import SortedModel, State
 

@@ -14,7 +14,7 @@ from edgekit.errors import EdgekitError
 from edgekit.models.llama import CausalLMWithCache
 from edgekit.quantize import mobilequant
 from edgekit.quantize.fakequant import ActQuant, WeightQuant
-from edgekit.quantize.llama import HEAD_SITES, LAYER_SITES, Bits, QuantLlama
+from edgekit.quantize.llama import HEAD_SITES, LAYER_SITES, SIXTEEN_BIT_OPS, Bits, QuantLlama
 from edgekit.quantize.smoothquant import channel_maxima, smoothquant_init
 
 TRANSFORMS = ("attn", "mlp", "vo", "qk", "ud")
@@ -194,7 +194,7 @@ def test_overrides_name_modules_and_carry_the_papers_bits(float_model) -> None:
             assert override.bits == (8 if kind == "matmul" or int8_only else 16), site
             assert 0 <= override.zero_point < 2**override.bits and override.scale > 0
         spec = mobilequant.quant_spec(model, config, 4)
-        assert spec.sixteen_bit_ops == (frozenset() if int8_only else mobilequant.SIXTEEN_BIT_OPS)
+        assert spec.sixteen_bit_ops == (frozenset() if int8_only else SIXTEEN_BIT_OPS)
 
 
 def test_bits_follow_the_paper() -> None:
