@@ -7,11 +7,12 @@ split the main bench reports. Two parts:
 - ``where``: where W4A8 loses, with nothing learned (SmoothQuant α=0.5 + MinMax, clipping logits
   at the paper's b₀ = 4): fp32, then weights only, activations only, and both, each with the LM head
   (and the lookup table it shares) at 8 bits per row, as the recipe has it, and at 4.
-- ``rates``: the recipe learned at ``--samples`` × ``--epochs`` with each weight-clipping rate of
-  ``--rates`` (``bits:rate`` pairs), the rest at the recipe's defaults.
+- ``rates``: the recipe learned at ``--samples`` × ``--epochs`` (windows of ``--seq-len`` tokens,
+  ``--batch-size`` per step) with each weight-clipping rate of ``--rates`` (``bits:rate`` pairs), the
+  rest at the recipe's defaults.
 
-Results: ``bench/results/mobilequant_heldout.json``, one entry per budget (``32x2``); a run replaces
-its budget's entry and keeps the others. Usage:
+Results: ``bench/results/mobilequant_heldout.json``, one entry per budget (``32x2``; ``64x3@256``
+for 256-token windows); a run replaces its budget's entry and keeps the others. Usage:
 python bench/mobilequant_heldout.py [--samples 32 --epochs 2 --rates 4:1e-2,8:1e-2 --skip-where]
 """
 
@@ -31,7 +32,7 @@ from edgekit.evaluate import perplexity
 RESULTS = Path(__file__).parent / "results" / "mobilequant_heldout.json"
 STREAM = 60_000  # calibration-split tokens read; the last HELDOUT are scored, the windows come first
 HELDOUT = 2_048
-SEQ_LEN = 128
+SEQ_LEN = 128  # the recipe's calibration window
 
 
 def heldout_perplexity(model, tokens) -> float:
@@ -39,11 +40,11 @@ def heldout_perplexity(model, tokens) -> float:
         return perplexity(lambda ids: model.prefill(torch.as_tensor(ids))[0].numpy(), tokens, 256, 256)
 
 
-def where_w4a8_loses(bundle, calib, tokens) -> dict[str, float]:
+def where_w4a8_loses(bundle, calib, tokens, seq_len: int) -> dict[str, float]:
     from edgekit.quantize.fakequant import WeightQuant
     from edgekit.quantize.mobilequant import Config, quantize_model
 
-    config = Config(weight_bits=4, samples=len(calib), seq_len=SEQ_LEN, epochs=0)
+    config = Config(weight_bits=4, samples=len(calib), seq_len=seq_len, epochs=0)
     model, _ = quantize_model(bundle.module, calib, config, show_progress=False)
     wide_head = model.head_wquant
     narrow_head = WeightQuant(wide_head.logit.numel(), 4, True, learn=False)
@@ -63,12 +64,19 @@ def where_w4a8_loses(bundle, calib, tokens) -> dict[str, float]:
     return rows
 
 
-def clipping_rates(bundle, calib, tokens, pairs: list[tuple[int, float]], epochs: int) -> list[dict]:
+def clipping_rates(bundle, calib, tokens, pairs: list[tuple[int, float]], args: argparse.Namespace) -> list[dict]:
     from edgekit.quantize.mobilequant import Config, quantize_model
 
     rows = []
     for bits, rate in pairs:
-        config = Config(weight_bits=bits, samples=len(calib), seq_len=SEQ_LEN, epochs=epochs, lr_clip=rate)
+        config = Config(
+            weight_bits=bits,
+            samples=len(calib),
+            seq_len=args.seq_len,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr_clip=rate,
+        )
         model, facts = quantize_model(bundle.module, calib, config)
         model.set_quant(weights=True, acts=True).eval()
         row = {
@@ -87,30 +95,35 @@ def main() -> None:
     from edgekit.models import load as load_model
 
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--samples", type=int, default=32, help="calibration windows of 128 tokens")
+    parser.add_argument("--samples", type=int, default=32, help="calibration windows")
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--seq-len", type=int, default=SEQ_LEN, help="tokens per calibration window")
+    parser.add_argument("--batch-size", type=int, default=4, help="windows per optimiser step")
     parser.add_argument("--rates", default="4:1e-3,4:1e-2,4:5e-2,8:1e-2,8:5e-2", help="bits:lr_clip pairs")
     parser.add_argument("--skip-where", action="store_true", help="clipping rates only")
     args = parser.parse_args()
     pairs = [(int(bits), float(rate)) for bits, rate in (pair.split(":") for pair in args.rates.split(",") if pair)]
-    most = (STREAM - HELDOUT) // SEQ_LEN
+    most = (STREAM - HELDOUT) // args.seq_len
     if not 0 < args.samples <= most:
         raise SystemExit(f"--samples must be 1..{most} (more windows reach the held-out tokens)")
 
     started = time.perf_counter()
     bundle = load_model("zoo:smollm2-135m")
     tokens = token_stream(bundle.tokenizer, "calib", max_tokens=STREAM)[-HELDOUT:]
-    calib = calibration_inputs(bundle, None, args.samples, SEQ_LEN)
+    calib = calibration_inputs(bundle, None, args.samples, args.seq_len)
     result = {
         "command": " ".join(["python bench/mobilequant_heldout.py", *sys.argv[1:]]),
         "samples": args.samples,
         "epochs": args.epochs,
-        "where_w4a8_loses": {} if args.skip_where else where_w4a8_loses(bundle, calib, tokens),
-        "clipping_rates": clipping_rates(bundle, calib, tokens, pairs, args.epochs),
+        "seq_len": args.seq_len,
+        "batch_size": args.batch_size,
+        "where_w4a8_loses": {} if args.skip_where else where_w4a8_loses(bundle, calib, tokens, args.seq_len),
+        "clipping_rates": clipping_rates(bundle, calib, tokens, pairs, args),
         "seconds": time.perf_counter() - started,
     }
     previous = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    budgets = previous.get("budgets", {}) | {f"{args.samples}x{args.epochs}": result}
+    budget = f"{args.samples}x{args.epochs}" + ("" if args.seq_len == SEQ_LEN else f"@{args.seq_len}")
+    budgets = previous.get("budgets", {}) | {budget: result}
     merged = {"model": "smollm2-135m", "heldout_tokens": HELDOUT, "budgets": budgets}
     RESULTS.write_text(json.dumps(merged, indent=2) + "\n")
     print("| part | setting | held-out ppl |")
