@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _shared import rerun_command
 
 from edgekit.runtime.hired import HiredSettings, allocate
 from edgekit.vlm import hired, scenes
@@ -83,7 +84,7 @@ def main() -> int:
             print(index + 1, "scenes", {k: round(float(np.mean(v)), 3) for k, v in right.items()}, flush=True)
     result = {
         "purpose": __doc__.splitlines()[0],
-        "command": "PYTHONPATH=. python bench/hired_factors.py " + " ".join(sys.argv[1:]),
+        "command": rerun_command(),
         "scenes": args.scenes,
         "ratio": args.ratio,
         "settings": {"alpha": settings.alpha, "early": settings.early_layer, "late": model.encoder.late_layer},

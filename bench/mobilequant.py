@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _shared import simulated_perplexity
 
 from edgekit import recipes
 from edgekit.calibrate import calibration_inputs
@@ -153,15 +154,7 @@ def main() -> None:
                 **onnx_facts(out, result),
             }
             if transformed.simulated is not None and row_name != "ptq-int8":
-                import torch
-
-                with torch.no_grad():
-                    row["simulated_perplexity"] = perplexity(
-                        lambda ids, m=transformed.simulated: m.prefill(torch.as_tensor(ids))[0].numpy(),
-                        tokens,
-                        256,
-                        256,
-                    )
+                row["simulated_perplexity"] = simulated_perplexity(transformed.simulated, tokens)
             if "mobilequant" in transformed.meta:
                 row["mobilequant"] = {
                     k: v for k, v in transformed.meta["mobilequant"].items() if isinstance(v, int | float | dict)

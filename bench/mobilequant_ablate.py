@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
+from _shared import simulated_perplexity
 
 RESULTS = Path(__file__).parent / "results" / "mobilequant_ablations.json"
 # group -> activation sites (edgekit.quantize.llama.LAYER_SITES / HEAD_SITES) left in float
@@ -38,7 +38,6 @@ GROUPS = {
 def main() -> None:
     from edgekit.calibrate import calibration_inputs
     from edgekit.data.wikipedia import token_stream
-    from edgekit.evaluate import perplexity
     from edgekit.models import smollm2
     from edgekit.models.llama import CausalLMWithCache
     from edgekit.quantize import mobilequant
@@ -60,8 +59,7 @@ def main() -> None:
     model, _ = mobilequant.quantize_model(module, calib, config, show_progress=False)
 
     def measure(label: str) -> None:
-        with torch.no_grad():
-            value = perplexity(lambda ids: model.prefill(torch.as_tensor(ids))[0].numpy(), tokens, 256, 256)
+        value = simulated_perplexity(model, tokens)
         results[label] = value
         print(f"{label}: {value:.2f}", flush=True)
         RESULTS.write_text(json.dumps({"model": "smollm2-135m", "budget": vars(args), "perplexity": results}, indent=2))

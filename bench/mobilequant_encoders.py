@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _shared import rerun_command
 
 RESULTS = Path(__file__).parent / "results" / "mobilequant_encoders.json"
 MODELS = {"minilm-l6": 60, "dinov2-s14": 7}  # model -> evaluation samples (the whole eval split)
@@ -129,7 +130,7 @@ def run_models(results: Path, args, table: dict = ROWS, eval_samples: dict = MOD
     Rows re-run replace their old entries; the model's other rows are kept as they were measured
     (each row records the command that measured it, and its ratios are to that run's fp32)."""
     previous = json.loads(results.read_text()) if results.is_file() else {"models": {}}
-    command = f"python bench/{Path(sys.argv[0]).name} " + " ".join(sys.argv[1:])
+    command = rerun_command()
     with tempfile.TemporaryDirectory(prefix="edgekit-bench-") as tmp:
         for name in args.models.split(","):
             fresh = bench_model(name, Path(tmp), args.rows.split(","), args, table, eval_samples)

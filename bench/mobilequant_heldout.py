@@ -24,20 +24,14 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+from _shared import rerun_command, simulated_perplexity
 
 from edgekit.calibrate import calibration_inputs
-from edgekit.evaluate import perplexity
 
 RESULTS = Path(__file__).parent / "results" / "mobilequant_heldout.json"
 STREAM = 60_000  # calibration-split tokens read; the last HELDOUT are scored, the windows come first
 HELDOUT = 2_048
 SEQ_LEN = 128  # the recipe's calibration window
-
-
-def heldout_perplexity(model, tokens) -> float:
-    with torch.no_grad():
-        return perplexity(lambda ids: model.prefill(torch.as_tensor(ids))[0].numpy(), tokens, 256, 256)
 
 
 def where_w4a8_loses(bundle, calib, tokens, seq_len: int) -> dict[str, float]:
@@ -59,7 +53,7 @@ def where_w4a8_loses(bundle, calib, tokens, seq_len: int) -> dict[str, float]:
     ):
         model.head_wquant = head
         model.set_quant(weights=weights, acts=acts).eval()
-        rows[name] = heldout_perplexity(model, tokens)
+        rows[name] = simulated_perplexity(model, tokens)
         print(f"{name}: {rows[name]:.2f}", file=sys.stderr)
     return rows
 
@@ -82,7 +76,7 @@ def clipping_rates(bundle, calib, tokens, pairs: list[tuple[int, float]], args: 
         row = {
             "weight_bits": bits,
             "lr_clip": rate,
-            "perplexity": heldout_perplexity(model, tokens),
+            "perplexity": simulated_perplexity(model, tokens),
             **{key: facts[key] for key in ("steps", "mse_init", "mse_final", "seconds")},
         }
         print(json.dumps(row), file=sys.stderr)
@@ -112,7 +106,7 @@ def main() -> None:
     tokens = token_stream(bundle.tokenizer, "calib", max_tokens=STREAM)[-HELDOUT:]
     calib = calibration_inputs(bundle, None, args.samples, args.seq_len)
     result = {
-        "command": " ".join(["python bench/mobilequant_heldout.py", *sys.argv[1:]]),
+        "command": rerun_command(),
         "samples": args.samples,
         "epochs": args.epochs,
         "seq_len": args.seq_len,
