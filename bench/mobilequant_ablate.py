@@ -1,10 +1,12 @@
 """Where W8A8 loses perplexity on SmolLM2-135M: per-site ablations of the simulated model.
 
 SmoothQuant α=0.5 + MinMax ranges at MobileQuant's bit-widths (the starting point MobileQuant
-learns from), simulated in torch; perplexity on the Wikipedia evaluation split (256-token windows).
-Rows: float, weights only, activations only, everything, then everything but one group of
-activation quantizers left in float. Results in ``bench/results/mobilequant_ablations.json``.
-Usage: python bench/mobilequant_ablate.py [--layers N] [--samples 8] [--eval-tokens 2048]
+learns from), or with ``--learned`` the MobileQuant W8A8 model as the recipe trains it (the family's
+default budget unless ``--samples``/``--epochs`` say otherwise), simulated in torch; perplexity on
+the Wikipedia evaluation split (256-token windows). Rows: float, weights only, activations only,
+everything, then everything but one group of activation quantizers left in float. Results in
+``bench/results/mobilequant_ablations.json``, one entry per starting point.
+Usage: python bench/mobilequant_ablate.py [--learned] [--layers N] [--samples 8] [--eval-tokens 2048]
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
-from _shared import simulated_perplexity
+from _shared import rerun_command, simulated_perplexity
 
 RESULTS = Path(__file__).parent / "results" / "mobilequant_ablations.json"
 # group -> activation sites (edgekit.quantize.llama.LAYER_SITES / HEAD_SITES) left in float
@@ -44,7 +46,9 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--layers", type=int, default=None)
-    parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--learned", action="store_true", help="ablate the learned MobileQuant W8A8 model")
+    parser.add_argument("--samples", type=int, default=None, help="default: 8, or the family's when --learned")
+    parser.add_argument("--epochs", type=int, default=None, help="with --learned; default: the family's")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--eval-tokens", type=int, default=2048)
     args = parser.parse_args()
@@ -53,16 +57,32 @@ def main() -> None:
     module = bundle.module
     if args.layers:
         module = CausalLMWithCache(module.hf_model, num_layers=args.layers).eval()
-    calib = calibration_inputs(bundle, None, args.samples, args.seq_len)
+    if args.learned:
+        config = mobilequant.Config(samples=args.samples, seq_len=args.seq_len, epochs=args.epochs)
+    else:
+        config = mobilequant.Config(samples=args.samples or 8, seq_len=args.seq_len, learn=False, epochs=0)
+    config = mobilequant.settings_for(config, module)
+    calib = calibration_inputs(bundle, None, config.samples, args.seq_len)
     tokens = token_stream(bundle.tokenizer, "eval", max_tokens=args.eval_tokens)
-    config = mobilequant.Config(samples=args.samples, seq_len=args.seq_len, learn=False, epochs=0)
-    model, _ = mobilequant.quantize_model(module, calib, config, show_progress=False)
+    model, facts = mobilequant.quantize_model(module, calib, config, show_progress=args.learned)
+    model.eval()
+    start = "mobilequant-w8a8" if args.learned else "smoothquant+minmax"
+    previous = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    entry = {
+        "command": rerun_command(),
+        "samples": config.samples,
+        "epochs": config.epochs,
+        "seq_len": args.seq_len,
+        "eval_tokens": len(tokens),
+        "mse_final": facts.get("mse_final"),
+    }
 
     def measure(label: str) -> None:
         value = simulated_perplexity(model, tokens)
         results[label] = value
         print(f"{label}: {value:.2f}", flush=True)
-        RESULTS.write_text(json.dumps({"model": "smollm2-135m", "budget": vars(args), "perplexity": results}, indent=2))
+        starts = previous.get("starts", {}) | {start: {**entry, "perplexity": results}}
+        RESULTS.write_text(json.dumps({"model": "smollm2-135m", "starts": starts}, indent=2) + "\n")
 
     results: dict[str, float] = {}
     for label, (weights, acts) in {
