@@ -32,7 +32,6 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
@@ -1098,10 +1097,8 @@ def tensor_overrides(
                 continue
             weight, axis = found
             owner = owners.get(weight, weight.rsplit(".", 1)[0] if weight.endswith(".weight") else weight)
-            eight_bit = any(fnmatch(owner, pattern) for pattern in spec.eight_bit_weight_modules)
-            if eight_bit or any(fnmatch(owner, pattern) for pattern in spec.per_channel_modules):
-                bits = 8 if eight_bit else spec.weight_bits
-                overrides[weight] = [{"axis": axis, "quant_type": _weight_qtype(bits)}]
+            if spec.named_per_channel(owner):
+                overrides[weight] = [{"axis": axis, "quant_type": _weight_qtype(spec.weight_bits_of(owner))}]
     return overrides
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
-from fnmatch import fnmatch
 
 import torch
 
@@ -169,7 +168,7 @@ def _annotate(model: torch.fx.GraphModule, spec: QuantSpec, sites: Mapping[str, 
         inputs = {}
         if node.op == "call_function" and node.target in (_LINEAR, _CONV):
             path = _module_path(node).removeprefix(prefix)
-            per_channel = spec.weight_per_channel or any(fnmatch(path, p) for p in spec.per_channel_modules)
+            per_channel = spec.weight_per_channel or spec.named_per_channel(path)
             inputs[node.args[1]] = weights[per_channel]
         if node in fixed or inputs:
             node.meta[Q_ANNOTATION_KEY] = QuantizationAnnotation(

@@ -22,6 +22,10 @@ class TensorOverride:
     signed: bool = False
 
 
+def _matches(module: str, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatch(module, pattern) for pattern in patterns)
+
+
 @dataclass(frozen=True)
 class FamilyPlan:
     """What a simulated model family quantizes apart from the rest, by the exported module names.
@@ -42,10 +46,10 @@ class FamilyPlan:
     has_norms: bool = True
 
     def is_per_channel(self, module: str) -> bool:
-        return self.every_weight_per_channel or any(fnmatch(module, p) for p in self.per_channel + self.eight_bit)
+        return self.every_weight_per_channel or _matches(module, self.per_channel + self.eight_bit)
 
     def weight_bits(self, module: str, bits: int) -> int:
-        return 8 if any(fnmatch(module, p) for p in self.eight_bit) else bits
+        return 8 if _matches(module, self.eight_bit) else bits
 
 
 @dataclass
@@ -63,7 +67,7 @@ class QuantSpec:
     overrides: dict[str, TensorOverride] = field(default_factory=dict)
     # module name patterns that keep per-channel weights even when weight_per_channel is False
     per_channel_modules: tuple[str, ...] = ()
-    # module name patterns whose weights stay 8-bit (per channel) when weight_bits is 4: an LM head
+    # module name patterns whose weights stay 8-bit, per channel, when weight_bits is 4: an LM head
     # and the lookup table it shares, which 4 bits cost most (MobileQuant W4A8)
     eight_bit_weight_modules: tuple[str, ...] = ()
     samples: int = 64
@@ -72,3 +76,10 @@ class QuantSpec:
     # norm weights (fused RMSNorm, LayerNormalization) symmetric per tensor at these bits; None: the
     # quantizer's weight type (a fused RMSNorm then takes 16)
     norm_weight_bits: Literal[8, 16] | None = None
+
+    def named_per_channel(self, module: str) -> bool:
+        """Whether a module's weights are per channel by name, whatever ``weight_per_channel`` says."""
+        return _matches(module, self.per_channel_modules + self.eight_bit_weight_modules)
+
+    def weight_bits_of(self, module: str) -> int:
+        return 8 if _matches(module, self.eight_bit_weight_modules) else self.weight_bits
