@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import shlex
 import sys
+import time
+from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from edgekit.evaluate import perplexity
@@ -22,3 +26,28 @@ def simulated_perplexity(model, tokens) -> float:
     """Perplexity of a simulated (fake-quant) causal LM in torch, as its exported file is scored."""
     with torch.no_grad():
         return perplexity(lambda ids: model.prefill(torch.as_tensor(ids))[0].numpy(), tokens, WINDOW, WINDOW)
+
+
+def fresh_process_pte_ms(paths: Mapping[str, Path], feeds: Mapping[str, np.ndarray], rounds: int) -> dict[str, float]:
+    """Median milliseconds of one run of each .pte, the programs alternated, in a new interpreter.
+
+    A phone app runs the program alone; a bench process has trained a model and holds onnxruntime
+    sessions. Timing the same files both ways shows whether that skews XNNPACK (on SmolLM2's int8
+    program, one run: 1.87x its fp32 program here, 2.14x in the bench process).
+    """
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_alternated_pte_ms, (dict(paths), dict(feeds), rounds))
+
+
+def _alternated_pte_ms(paths: dict[str, Path], feeds: dict[str, np.ndarray], rounds: int) -> dict[str, float]:
+    from edgekit.runtime.pte import PteProgram
+
+    programs = {name: PteProgram(path, list(feeds)) for name, path in paths.items()}
+    times: dict[str, list[float]] = {name: [] for name in programs}
+    for _ in range(rounds):
+        for name, program in programs.items():
+            program.run(feeds)  # warm: XNNPACK's first run after another program's is slower
+            started = time.perf_counter()
+            program.run(feeds)
+            times[name].append(1000 * (time.perf_counter() - started))
+    return {name: float(np.median(values)) for name, values in times.items()}

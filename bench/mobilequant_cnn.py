@@ -45,7 +45,7 @@ def main() -> None:
     parser.add_argument("--rows", default=",".join(ROWS))
     parser.add_argument("--latency-rounds", type=int, default=5)
     args = parser.parse_args()
-    args.samples, args.heldout_from, args.heldout = None, 0, 0  # the budget is in ROWS; no held-out photos
+    args.samples, args.epochs, args.heldout_from, args.heldout = None, None, 0, 0  # budget in ROWS; no held-out
     models = args.models.split(",")
     for name in models:
         args.models = name

@@ -75,7 +75,7 @@ def integer_coverage(directory: Path) -> dict:
 
 def bench_model(name: str, work: Path, rows: list[str], args, table: dict = ROWS, eval_samples: dict = MODELS) -> dict:
     """Each row exported by the pipeline: quality, size, coverage, SQNR; latency against fp32."""
-    from edgekit import pipeline
+    from edgekit import pipeline, recipes
 
     result: dict = {"model": name, "rows": {}}
     directories: dict[str, Path] = {}
@@ -83,6 +83,8 @@ def bench_model(name: str, work: Path, rows: list[str], args, table: dict = ROWS
         recipe, bits, settings = table[row]
         out = work / f"{name}-{row}"
         budget = [f"samples={args.samples}"] if args.samples and recipe != "fp32" else []
+        if args.epochs and hasattr(recipes.load(recipe).settings, "epochs"):
+            budget.append(f"epochs={args.epochs}")
         overrides = [*settings, *budget] if recipe != "fp32" else []
         print(f"== {name} {row}", file=sys.stderr)
         started = time.perf_counter()
@@ -163,6 +165,7 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--rows", default=",".join(ROWS))
     parser.add_argument("--samples", type=int, default=None, help="calibration samples (default: each recipe's)")
+    parser.add_argument("--epochs", type=int, default=None, help="learning epochs (default: each recipe's)")
     parser.add_argument("--heldout-from", type=int, default=100)
     parser.add_argument("--heldout", type=int, default=60)
     parser.add_argument("--latency-rounds", type=int, default=5)

@@ -74,6 +74,9 @@ def fixed_range_program(
 
     sites = spec.overrides
     sixteen = sorted(path for path, fixed in sites.items() if fixed.bits != 8)
+    # Leaving the 16-bit sites float is no way out: XNNPACK has no static linear with an int8 input
+    # and a float output (q_proj, o_proj, ... in W8A8), so the partitioner leaves those linears out
+    # and their per-channel weight dequantize has no portable kernel (tried on SmolLM2).
     if sixteen:
         raise EdgekitError(
             f"XNNPACK runs 8-bit activations only, and this plan fixes {len(sixteen)} sites at 16 bits "
