@@ -22,6 +22,11 @@ def rerun_command() -> str:
     return shlex.join(["python", f"bench/{Path(sys.argv[0]).name}", *sys.argv[1:]])
 
 
+def finite_or_none(value: float) -> float | None:
+    """JSON has no Infinity: a simulated model equal to float (fp32 recipes) is recorded as null."""
+    return value if np.isfinite(value) else None
+
+
 def simulated_perplexity(model, tokens) -> float:
     """Perplexity of a simulated (fake-quant) causal LM in torch, as its exported file is scored."""
     with torch.no_grad():

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _shared import finite_or_none
 
 from edgekit import pipeline, runtime
 from edgekit.calibrate import calibration_inputs
@@ -33,11 +34,6 @@ def interleaved_latency(bundles: dict[str, Path], fmt: str, feeds: dict[str, np.
             graph = session.graph("prefill" if "prefill" in session.graphs else "main")
             medians[name].append(session.latency_ms(pipeline._fit_to_graph(feeds, graph), repeats=5, warmup=1))
     return {name: float(np.median(values)) for name, values in medians.items()}
-
-
-def _finite(value: float) -> float | None:
-    """JSON has no Infinity: a simulated model equal to float (fp32 recipes) is recorded as null."""
-    return value if np.isfinite(value) else None
 
 
 def bench_model(name: str, work: Path, eval_samples: int, recipes: list[str]) -> dict:
@@ -71,7 +67,7 @@ def bench_model(name: str, work: Path, eval_samples: int, recipes: list[str]) ->
                 "bytes": entry["bytes"],
                 "quality": entry["quality"],
                 "sqnr_vs_float_db": entry["verification"]["runtime_vs_float"]["sqnr_db"],
-                "simulated_sqnr_vs_float_db": _finite(entry["verification"]["simulated_vs_float"]["sqnr_db"]),
+                "simulated_sqnr_vs_float_db": finite_or_none(entry["verification"]["simulated_vs_float"]["sqnr_db"]),
                 "sqnr_vs_simulated_db": check["sqnr_db"],
                 "top1_agreement_vs_simulated": check.get("top1_agreement"),
             }
