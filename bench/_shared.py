@@ -51,7 +51,7 @@ def _alternated_pte_ms(paths: dict[str, Path], feeds: dict[str, np.ndarray], rou
     times: dict[str, list[float]] = {name: [] for name in programs}
     for _ in range(rounds):
         for name, program in programs.items():
-            program.run(feeds)  # warm: XNNPACK's first run after another program's is slower
+            program.run(feeds)  # warm, as the in-process timing does: caches hold the other program
             started = time.perf_counter()
             program.run(feeds)
             times[name].append(1000 * (time.perf_counter() - started))
