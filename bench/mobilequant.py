@@ -17,7 +17,7 @@ again in this process (``*_in_bench_process``).
 The ONNX files are prefill graphs only (``export_onnx(decode=False)``): the bench measures prompts.
 
 Budget flags override the recipes' defaults (``--samples``, ``--seq-len``, ``--epochs``; also
-``--lr-clip``, the clipping rate) and
+``--lr-clip``, the clipping rate; ``--calib-skip N`` calibrates on the windows after the first N) and
 ``--layers`` benchmarks the first N decoder layers only (then final norm + head), for machines
 where the full model does not fit the time. Usage: python bench/mobilequant.py [--layers 4 ...]
 """
@@ -94,6 +94,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--lr-clip", type=float, default=None, help="MobileQuant clipping rate")
+    parser.add_argument(
+        "--calib-skip", type=int, default=0, help="calibrate on the windows after the first N (another draw of data)"
+    )
     parser.add_argument("--eval-tokens", type=int, default=8192)
     parser.add_argument("--rows", default=",".join(ROWS))
     parser.add_argument("--latency-rounds", type=int, default=3)
@@ -129,7 +132,8 @@ def main() -> None:
             recipe = recipes.load(recipe_name, overrides).for_model(bundle.module)
             samples = int(getattr(recipe.settings, "samples", 0) or 0)
             seq_len = int(getattr(recipe.settings, "seq_len", args.seq_len or 128))
-            calib = calibration_inputs(bundle, None, samples, seq_len) if samples else []
+            calib = calibration_inputs(bundle, None, args.calib_skip + samples, seq_len) if samples else []
+            calib = calib[args.calib_skip :]
             started = time.perf_counter()
             if recipe.transform == "ptq":  # the ONNX row needs only the plan: onnxruntime calibrates
                 from edgekit.quantize.ptq import spec_from_config
