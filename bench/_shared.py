@@ -6,7 +6,7 @@ import multiprocessing
 import shlex
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -33,26 +33,34 @@ def simulated_perplexity(model, tokens) -> float:
         return perplexity(lambda ids: model.prefill(torch.as_tensor(ids))[0].numpy(), tokens, WINDOW, WINDOW)
 
 
-def fresh_process_pte_ms(paths: Mapping[str, Path], feeds: Mapping[str, np.ndarray], rounds: int) -> dict[str, float]:
-    """Median milliseconds of one run of each .pte, the programs alternated, in a new interpreter.
+def alternated_seconds(runs: Mapping[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    """Median seconds of each run, the runs alternated so all see the same machine load; each timed
+    run follows an untimed one of the same callable (caches then hold its data, not the other's)."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            run()
+            started = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - started)
+    return {name: float(np.median(values)) for name, values in times.items()}
+
+
+def fresh_process_pte_seconds(
+    paths: Mapping[str, Path], feeds: Mapping[str, np.ndarray], rounds: int
+) -> dict[str, float]:
+    """:func:`alternated_seconds` of one run of each .pte, in a new interpreter.
 
     A phone app runs the program alone; a bench process has trained a model and holds onnxruntime
     sessions. Timing the same files both ways shows whether that skews XNNPACK (on SmolLM2's int8
     program, one run: 1.87x its fp32 program here, 2.14x in the bench process).
     """
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(_alternated_pte_ms, (dict(paths), dict(feeds), rounds))
+        return pool.apply(_alternated_pte_seconds, (dict(paths), dict(feeds), rounds))
 
 
-def _alternated_pte_ms(paths: dict[str, Path], feeds: dict[str, np.ndarray], rounds: int) -> dict[str, float]:
+def _alternated_pte_seconds(paths: dict[str, Path], feeds: dict[str, np.ndarray], rounds: int) -> dict[str, float]:
     from edgekit.runtime.pte import PteProgram
 
     programs = {name: PteProgram(path, list(feeds)) for name, path in paths.items()}
-    times: dict[str, list[float]] = {name: [] for name in programs}
-    for _ in range(rounds):
-        for name, program in programs.items():
-            program.run(feeds)  # warm, as the in-process timing does: caches hold the other program
-            started = time.perf_counter()
-            program.run(feeds)
-            times[name].append(1000 * (time.perf_counter() - started))
-    return {name: float(np.median(values)) for name, values in times.items()}
+    return alternated_seconds({name: (lambda p=p: p.run(feeds)) for name, p in programs.items()}, rounds)

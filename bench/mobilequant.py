@@ -29,10 +29,12 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
-from _shared import fresh_process_pte_ms, simulated_perplexity
+from _shared import alternated_seconds, fresh_process_pte_seconds, simulated_perplexity
 
 from edgekit import recipes
 from edgekit.calibrate import calibration_inputs
@@ -50,6 +52,7 @@ ROWS = {  # row -> (recipe, bits W/A, extra recipe settings)
 }
 DEVICE = "snapdragon-8gen3-npu"
 PREFILL = 256  # prefill latency length and the .pte's static window
+T = TypeVar("T")
 
 
 def load_bundle(layers: int | None):
@@ -168,7 +171,7 @@ def main() -> None:
             # prefill latency at 256 tokens, interleaved with fp32 so both see the same machine load
             ids = tokens[None, :PREFILL].astype(np.int64)
             runs = {name: (lambda s=s, ids=ids: s.run(None, {"input_ids": ids})) for name, s in sessions.items()}
-            latency = _interleaved(runs, row_name, args.latency_rounds)
+            latency = alternated_seconds(_with_fp32(runs, row_name), args.latency_rounds)
             row["prefill_ms_256"] = 1000 * latency[row_name]
             if "fp32" in latency:
                 row["fp32_prefill_ms_256_same_run"] = 1000 * latency["fp32"]
@@ -213,17 +216,9 @@ def main() -> None:
     print(f"wrote {RESULTS}")
 
 
-def _interleaved(runs: dict, row_name: str, rounds: int) -> dict[str, float]:
-    """Median seconds of ``row_name``'s run and fp32's, alternated so both see the same machine load."""
-    pair = {name: runs[name] for name in dict.fromkeys(("fp32", row_name)) if name in runs}
-    times: dict[str, list[float]] = {name: [] for name in pair}
-    for _ in range(rounds):
-        for name, run in pair.items():
-            run()  # warm
-            begin = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - begin)
-    return {name: float(np.median(values)) for name, values in times.items()}
+def _with_fp32(items: Mapping[str, T], row_name: str) -> dict[str, T]:
+    """fp32's entry (when there is one) and ``row_name``'s: what a latency ratio compares."""
+    return {name: items[name] for name in dict.fromkeys(("fp32", row_name)) if name in items}
 
 
 def _pte_row(transformed, out: Path, tokens: np.ndarray, programs: dict, row_name: str, args) -> dict:
@@ -242,20 +237,20 @@ def _pte_row(transformed, out: Path, tokens: np.ndarray, programs: dict, row_nam
     programs[row_name] = program
     ppl = perplexity(lambda window: program.run({"input_ids": window})[0], tokens, PREFILL, PREFILL)
     runs = {name: (lambda p=p: p.run({"input_ids": ids})) for name, p in programs.items()}
-    in_bench = _interleaved(runs, row_name, args.latency_rounds)
-    pair = {name: programs[name].path for name in dict.fromkeys(("fp32", row_name)) if name in programs}
-    fresh = fresh_process_pte_ms(pair, {"input_ids": ids}, max(args.latency_rounds, 5))
+    in_bench = alternated_seconds(_with_fp32(runs, row_name), args.latency_rounds)
+    paths = {name: program.path for name, program in _with_fp32(programs, row_name).items()}
+    fresh = fresh_process_pte_seconds(paths, {"input_ids": ids}, max(args.latency_rounds, 5))
     facts = {
         "perplexity": ppl,
         "bytes": result.size_bytes,
         "export_seconds": export_seconds,
         "delegated_ops": result.delegation.delegated_ops,
         "undelegated_ops": result.delegation.undelegated_ops,
-        "prefill_ms_256": fresh[row_name],
+        "prefill_ms_256": 1000 * fresh[row_name],
         "prefill_ms_256_in_bench_process": 1000 * in_bench[row_name],
     }
     if "fp32" in fresh:
-        facts["fp32_prefill_ms_256_same_run"] = fresh["fp32"]
+        facts["fp32_prefill_ms_256_same_run"] = 1000 * fresh["fp32"]
         facts["speedup_vs_fp32"] = fresh["fp32"] / fresh[row_name]
         facts["speedup_vs_fp32_in_bench_process"] = in_bench["fp32"] / in_bench[row_name]
     print(json.dumps({"pte": row_name, **facts}), file=sys.stderr)
